@@ -1,0 +1,66 @@
+"""The Celery app factory shared by producers and workers.
+
+Producers only ``send_task`` by name (:mod:`shared.tasks`), so this module never imports the workers' code;
+``workers.app`` registers the task implementations on the same app.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared import routing
+from shared.settings import FleetSettings, get_settings
+
+#: Serializers the fleet speaks. Pickle is never accepted: a pickled message is refused by the consumer.
+ACCEPTED_CONTENT = ["json", "msgpack"]
+
+
+def create_celery_app(settings: FleetSettings | None = None, name: str = "finsight-fleet") -> Celery:
+    """Build the fleet's Celery app for ``settings`` (process-wide settings by default)."""
+    settings = settings or get_settings()
+    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
+    hard_limit = settings.job_time_limit_seconds
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=ACCEPTED_CONTENT,
+        result_accept_content=ACCEPTED_CONTENT,
+        event_serializer="json",
+        # A job is acknowledged only after it finished and its result was stored: a worker that dies mid-job
+        # leaves the message to be delivered again, and a child killed by the OS is requeued at once.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # NOTE: one prefetched message per process. Jobs vary from sub-millisecond predicts to model loads of
+        # seconds; a larger multiplier would park jobs behind a slow one in a busy process while an idle
+        # process waits. Batching pools raise it on purpose (they need several jobs in hand to batch).
+        worker_prefetch_multiplier=1,
+        task_time_limit=hard_limit,
+        task_soft_time_limit=max(1, hard_limit - 30),
+        result_expires=settings.result_ttl_seconds,
+        result_extended=False,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # NOTE: Redis has no real acks: a delivered, unacked message comes back after the visibility
+            # timeout. It must outlast the longest job (the hard time limit) or a slow job would run twice;
+            # twice the limit leaves room for the result write and a worker's shutdown grace.
+            "visibility_timeout": 2 * hard_limit,
+            "priority_steps": routing.PRIORITY_STEPS,
+            "sep": routing.PRIORITY_SEP,
+            "queue_order_strategy": "priority",
+        },
+        result_backend_transport_options={"retry_policy": {"max_retries": 3}},
+        task_queues=routing.all_queues(),
+        task_default_queue=routing.queue_name(settings.serving_adapter_type, settings.default_device),
+        task_routes=(routing.route_task,),
+        # Let Redis tell the worker about a lost connection quickly instead of hanging on a dead socket.
+        redis_socket_timeout=30,
+        redis_socket_connect_timeout=5,
+        broker_heartbeat=0,
+    )
+    return app
+
+
+app = create_celery_app()

@@ -1,0 +1,67 @@
+"""Every Redis key name and TTL the fleet writes, in one place.
+
+Celery's own keys (queues, ``celery-task-meta-<id>``) are named by Celery; the helpers here name them too so
+that nothing else spells them. All fleet keys start with a configurable prefix so that tests can share a Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Seconds after which a worker that stopped heart-beating counts as gone.
+WORKER_HEARTBEAT_TTL_S = 30
+#: How often a worker refreshes its heartbeat.
+WORKER_HEARTBEAT_INTERVAL_S = 5
+#: Latency histogram bucket upper bounds, in milliseconds (Prometheus ``le`` labels; +Inf is implicit).
+LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
+#: Celery's result key prefix (redis backend).
+CELERY_RESULT_PREFIX = "celery-task-meta-"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix. Build with ``Keys(settings.redis_key_prefix)``."""
+
+    prefix: str = "fleet"
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    def job(self, job_id: str) -> str:
+        """Hash: the job's record (kind, model, adapter, device, timestamps, worker, status)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_events(self, job_id: str) -> str:
+        """Pub/sub channel: each state change of the job, as JSON."""
+        return f"{self.prefix}:job-events:{job_id}"
+
+    def job_cancelled(self, job_id: str) -> str:
+        """String: present when the job was cancelled (workers check it before and during work)."""
+        return f"{self.prefix}:job-cancelled:{job_id}"
+
+    @staticmethod
+    def celery_result(job_id: str) -> str:
+        return f"{CELERY_RESULT_PREFIX}{job_id}"
+
+    # -- stats -----------------------------------------------------------------------------------------------
+    def model_stats(self, model_id: str) -> str:
+        """Hash: prediction counters, latency sum and histogram of one model, over the whole fleet."""
+        return f"{self.prefix}:stats:model:{model_id}"
+
+    def worker_stats(self, worker_id: str) -> str:
+        """Hash: counters, cache counters, memory, models loaded, start time and heartbeat of one worker."""
+        return f"{self.prefix}:stats:worker:{worker_id}"
+
+    def fleet_stats(self) -> str:
+        """Hash: counters summed over every worker that ever served."""
+        return f"{self.prefix}:stats:fleet"
+
+    def stats_models(self) -> str:
+        """Set: model ids that have stats."""
+        return f"{self.prefix}:stats:models"
+
+    def workers(self) -> str:
+        """Sorted set: worker id -> last heartbeat (unix seconds)."""
+        return f"{self.prefix}:workers"
+
+    def worker_models(self, worker_id: str) -> str:
+        """Hash: model id -> JSON ``ModelInfo`` of the models this worker process holds now."""
+        return f"{self.prefix}:worker-models:{worker_id}"

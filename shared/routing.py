@@ -1,0 +1,92 @@
+"""Routing: the only place that maps (adapter, device) to a queue.
+
+Queue names are public (``infer.<adapter>.<device>``, e.g. ``infer.simple.cpu``) so that any Celery producer
+can send jobs to a pool. :func:`route_task` is installed as Celery's router: it reads ``adapter`` and
+``device`` from the job payload, falling back to the settings' defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from kombu import Exchange, Queue
+
+from shared.settings import FleetSettings, get_settings
+
+ADAPTERS: tuple[str, ...] = ("simple", "torchscript", "torchserve", "triton")
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+QUEUE_PREFIX = "infer"
+#: Priority levels the Redis transport keeps as separate lists (a job's priority 0-9 lands in the nearest).
+PRIORITY_STEPS: list[int] = [0, 3, 6, 9]
+#: Separator kombu puts between a queue name and its priority step in the Redis list name.
+PRIORITY_SEP = ":"
+
+
+def queue_name(adapter: str, device: str) -> str:
+    """The public queue of a pool. Raises ``ValueError`` for an unknown adapter or device."""
+    if adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    return f"{QUEUE_PREFIX}.{adapter}.{device}"
+
+
+def parse_queue_name(name: str) -> tuple[str, str]:
+    prefix, _, rest = name.partition(".")
+    adapter, _, device = rest.partition(".")
+    if prefix != QUEUE_PREFIX:
+        raise ValueError(f"not a fleet queue: {name!r}")
+    queue_name(adapter, device)  # validates
+    return adapter, device
+
+
+def broker_priority(priority: int) -> int:
+    """The Celery ``priority`` for a fleet priority (9 = most urgent).
+
+    NOTE: kombu's Redis transport serves its lowest priority number first, the reverse of the fleet's (and
+    AMQP's) scale, so the number is flipped here, in one place.
+    """
+    return 9 - max(0, min(9, int(priority)))
+
+
+def queue_for_job(job: dict[str, Any] | None, settings: FleetSettings | None = None) -> str:
+    """The queue a job payload goes to: its ``adapter``/``device`` or the configured defaults."""
+    settings = settings or get_settings()
+    job = job or {}
+    adapter = job.get("adapter") or settings.serving_adapter_type
+    device = job.get("device") or settings.default_device
+    return queue_name(adapter, device)
+
+
+def all_queues() -> list[Queue]:
+    """Every pool queue, declared on one direct exchange (routing key = queue name)."""
+    exchange = Exchange(QUEUE_PREFIX, type="direct")
+    return [
+        Queue(queue_name(a, d), exchange, routing_key=queue_name(a, d), queue_arguments={"x-max-priority": 9})
+        for a in ADAPTERS
+        for d in DEVICES
+    ]
+
+
+def pools_from_spec(spec: str) -> list[str]:
+    """Queue names from an ``adapter:device,adapter:device`` spec (as in ``POOLS``)."""
+    queues = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        adapter, _, device = item.partition(":")
+        queues.append(queue_name(adapter, device or "cpu"))
+    return queues
+
+
+def redis_list_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority step (to measure queue depth)."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def route_task(name: str, args: Iterable[Any], kwargs: dict[str, Any], options: dict[str, Any],
+               task: Any = None, **_: Any) -> dict[str, Any] | None:
+    """Celery router: fleet tasks go to the queue their job names; other tasks keep Celery's default."""
+    if not name.startswith("fleet."):
+        return None
+    job = (kwargs or {}).get("job")
+    queue = queue_for_job(job if isinstance(job, dict) else None)
+    return {"queue": queue, "routing_key": queue, "exchange": QUEUE_PREFIX}

@@ -1,0 +1,144 @@
+"""Typed configuration, declared once.
+
+Every setting is read from the environment (or a ``.env`` file) by pydantic-settings. Env names follow the
+product's serving docs: a top-level name such as ``REDIS_URL`` or ``SERVING_ADAPTER_TYPE``, and per-adapter
+sections with their own prefix (``SIMPLE_``, ``TORCHSCRIPT_``, ``TRITON_``, ``TORCHSERVE_``, ``BATCH_``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AdapterName = Literal["simple", "torchscript", "torchserve", "triton"]
+DeviceName = Literal["cpu", "cuda"]
+
+
+def _section(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore")
+
+
+class SimpleSettings(BaseSettings):
+    """In-process eager torch adapter and the per-process model cache it shares with TorchScript."""
+
+    model_config = _section("SIMPLE_")
+
+    max_models_in_memory: int = Field(5, ge=1)
+    """LRU bound: at most this many models stay loaded in one worker process."""
+    model_timeout_seconds: float = Field(3600, gt=0)
+    """Idle TTL: a model not used for this long is unloaded."""
+    cache_size_mb: float = Field(1024, gt=0)
+    """Memory budget of the cache, counted from the real parameter and buffer bytes of loaded models."""
+    enable_cache: bool = True
+    """When off, every job loads its model and unloads it afterwards (useful for debugging only)."""
+
+
+class TorchScriptSettings(BaseSettings):
+    """TorchScript adapter: compile a stored model once, reuse the artefact while the source is unchanged."""
+
+    model_config = _section("TORCHSCRIPT_")
+
+    device: str = "cpu"
+    """Torch device the compiled module is loaded on (``cpu``, ``cuda``, ``cuda:1``)."""
+    optimize_for_inference: bool = True
+    """Freeze the module and run ``torch.jit.optimize_for_inference`` on it."""
+    enable_fusion: bool = True
+    """Let the TorchScript fuser fuse elementwise kernels."""
+    compile_mode: Literal["trace", "script"] = "trace"
+    """``trace`` runs a real example input built from the model's config; ``script`` compiles the source."""
+    max_models_in_memory: int = Field(5, ge=1)
+    model_timeout_seconds: float = Field(3600, gt=0)
+
+
+class TritonSettings(BaseSettings):
+    """Triton Inference Server adapter (through ``tritonclient``)."""
+
+    model_config = _section("TRITON_")
+
+    server_url: str = "127.0.0.1:8000"
+    """HTTP endpoint (host:port) of the Triton server."""
+    server_grpc_url: str = "127.0.0.1:8001"
+    """gRPC endpoint (host:port) of the Triton server."""
+    use_grpc: bool = False
+    ssl: bool = False
+    insecure: bool = False
+    """With SSL: skip certificate verification (test servers only)."""
+    model_repository: Path = Path("var/triton-repository")
+    """Repository the adapter writes models into; the server must see the same directory."""
+    backend: Literal["python", "pytorch_libtorch"] = "python"
+    default_model_version: int = Field(1, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_delay_us: int = Field(2000, ge=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+    """Network timeout for every call to the server; a dead server fails jobs within it."""
+
+
+class TorchServeSettings(BaseSettings):
+    """TorchServe adapter (inference and management APIs over HTTP)."""
+
+    model_config = _section("TORCHSERVE_")
+
+    inference_url: str = "http://127.0.0.1:8080"
+    management_url: str = "http://127.0.0.1:8081"
+    batch_size: int = Field(16, ge=1)
+    max_batch_delay_ms: int = Field(10, ge=0)
+    initial_workers: int = Field(1, ge=1)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class BatchSettings(BaseSettings):
+    """Dynamic batching of predict jobs inside a worker (per model, Triton-style)."""
+
+    model_config = _section("BATCH_")
+
+    enabled: bool = False
+    max_batch_size: int = Field(32, ge=1)
+    """At most this many rows go through one forward."""
+    max_batch_delay_ms: float = Field(2.0, ge=0)
+    """How long the first job of a batch waits for others to join it."""
+
+
+class FleetSettings(BaseSettings):
+    """Top-level settings of a fleet process (API, worker, CLI)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    serving_adapter_type: AdapterName = "simple"
+    """Adapter used when a job does not name one; also the adapter a worker pool serves by default."""
+    default_device: DeviceName = "cpu"
+    """Device used when a job does not name one."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend and stats store."""
+    redis_key_prefix: str = "fleet"
+    """Prefix of every key the fleet writes besides Celery's own (tests use their own prefix)."""
+    model_store_dir: Path = Path("var/model-store")
+    """Root of the model store: ``<store>/<symbol>/<timeframe>/<model_type>/<version>/``."""
+    result_ttl_seconds: int = Field(86400, gt=0)
+    """How long job results, job documents and per-job keys live in Redis."""
+    job_time_limit_seconds: int = Field(600, gt=0)
+    """Hard time limit of one job; the Redis visibility timeout is sized from it."""
+    worker_torch_threads: int = Field(0, ge=0)
+    """Torch intra-op threads per worker process; 0 means cores // processes (never oversubscribe)."""
+    log_level: str = "INFO"
+    enable_metrics: bool = True
+    enable_health_checks: bool = True
+    api_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Bodies larger than this are refused with 413."""
+    pools: str = "simple:cpu"
+    """Comma-separated ``adapter:device`` pools the API expects live workers for (``/readyz``)."""
+
+    simple: SimpleSettings = Field(default_factory=SimpleSettings)
+    torchscript: TorchScriptSettings = Field(default_factory=TorchScriptSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    torchserve: TorchServeSettings = Field(default_factory=TorchServeSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> FleetSettings:
+    """The process-wide settings, read once from the environment."""
+    return FleetSettings()
