@@ -1,0 +1,80 @@
+"""Job records: what the fleet knows about a job besides Celery's result.
+
+The producer creates the record when it enqueues (kind, model, pool, enqueue time); the worker adds the
+running state, progress, timings and the worker id, and publishes every change on the job's event channel.
+Celery's result backend keeps the result or the error; the API joins both into the job document.
+
+Record fields (all strings in one Redis hash): ``kind``, ``model_id``, ``adapter``, ``device``, ``queue``,
+``status`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``, ``started_at``,
+``finished_at`` (unix seconds), ``worker``, ``load_ms``, ``inference_ms``, ``progress_done``,
+``progress_total``, ``error`` (JSON ``{type, message}``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from shared.keys import Keys
+
+JOB_KINDS = ("load", "predict", "batch_predict", "unload")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+
+def event_message(job_id: str, status: str, **extra: Any) -> str:
+    """The JSON pushed on a job's event channel for one state change."""
+    return json.dumps({"job_id": job_id, "status": status, "ts": time.time(), **extra})
+
+
+class JobRecorder:
+    """Writes job records with a synchronous Redis client (workers, CLI); one round trip per call."""
+
+    def __init__(self, redis: Any, keys: Keys, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl = ttl_seconds
+
+    def _write(self, job_id: str, fields: dict[str, Any], event: str | None) -> None:
+        key = self.keys.job(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={k: ("" if v is None else v) for k, v in fields.items()})
+        pipe.expire(key, self.ttl)
+        if event:
+            extra = {}
+            if "progress_done" in fields:
+                extra["progress"] = {"done": fields["progress_done"], "total": fields["progress_total"]}
+            if "error" in fields and fields["error"]:
+                extra["error"] = json.loads(fields["error"])
+            pipe.publish(self.keys.job_events(job_id), event_message(job_id, event, **extra))
+        pipe.execute()
+
+    def enqueued(self, job_id: str, kind: str, model_id: str, adapter: str, device: str, queue: str,
+                 enqueued_at: float) -> None:
+        self._write(job_id, {"kind": kind, "model_id": model_id, "adapter": adapter, "device": device,
+                             "queue": queue, "status": "queued", "enqueued_at": enqueued_at}, "queued")
+
+    def running(self, job_id: str, worker: str, started_at: float, total: int | None = None) -> None:
+        fields: dict[str, Any] = {"status": "running", "worker": worker, "started_at": started_at}
+        if total is not None:
+            fields.update(progress_done=0, progress_total=total)
+        self._write(job_id, fields, "running")
+
+    def progress(self, job_id: str, done: int, total: int) -> None:
+        self._write(job_id, {"progress_done": done, "progress_total": total}, "progress")
+
+    def finished(self, job_id: str, ok: bool, *, load_ms: float = 0.0, inference_ms: float = 0.0,
+                 error: dict[str, Any] | None = None, status: str | None = None) -> None:
+        status = status or ("succeeded" if ok else "failed")
+        self._write(job_id, {"status": status, "finished_at": time.time(), "load_ms": round(load_ms, 3),
+                             "inference_ms": round(inference_ms, 3),
+                             "error": json.dumps(error) if error else ""}, status)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.job_cancelled(job_id)))
+
+    def cancel(self, job_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.job_cancelled(job_id), 1, ex=self.ttl)
+        pipe.execute()
