@@ -1,0 +1,1 @@
+"""The producer API (aiohttp) and the fleet CLI. Never imports torch."""

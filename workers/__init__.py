@@ -1,0 +1,1 @@
+"""Worker side of the fleet: adapters, model cache, models, tasks, batching."""
