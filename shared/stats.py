@@ -63,8 +63,8 @@ class StatsWriter:
                 pipe.hincrby(fleet_key, name, delta)
         pipe.execute()
 
-    def heartbeat(self, models: list[ModelInfo], now: float | None = None) -> None:
-        """Publish this process's loaded models, memory and liveness."""
+    def heartbeat(self, models: list[ModelInfo], now: float | None = None, **fields: Any) -> None:
+        """Publish this process's loaded models, memory and liveness (plus ``fields``: queues, health)."""
         now = now if now is not None else time.time()
         worker_key, models_key = self.keys.worker_stats(self.worker_id), self.keys.worker_models(self.worker_id)
         pipe = self.redis.pipeline(transaction=True)
@@ -73,6 +73,7 @@ class StatsWriter:
             "memory_mb": sum(m.memory_usage_mb for m in models),
             "started_at": self.started_at,
             "heartbeat": now,
+            **{k: str(v) for k, v in fields.items()},
         })
         pipe.hsetnx(self.keys.fleet_stats(), "started_at", self.started_at)
         pipe.delete(models_key)

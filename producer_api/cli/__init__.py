@@ -15,8 +15,8 @@ import click
 _COMMANDS: dict[str, str] = {
     "up": "producer_api.cli.up:up",
     "api": "producer_api.cli.serve:api",
-    "worker": "producer_api.cli.serve:worker",
-    "flower": "producer_api.cli.serve:flower",
+    "worker": "producer_api.cli.pools:worker",
+    "flower": "producer_api.cli.pools:flower",
     "models": "producer_api.cli.models:models",
     "predict": "producer_api.cli.jobs:predict",
     "jobs": "producer_api.cli.jobs:jobs",

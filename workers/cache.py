@@ -1,0 +1,158 @@
+"""The per-process model cache.
+
+Evicts by all three of: LRU over ``max_models``, a memory budget counted from the real parameter and buffer
+bytes of each model, and an idle TTL (a model unused for ``ttl_seconds`` is dropped). Built on cachetools'
+``TTLCache``, which already orders by recency, sizes entries and expires them; this module adds the count
+bound, idle (not insert-time) expiry, eviction callbacks and counters.
+
+Lives inside one worker process; it is thread-safe so that a batching thread and the task thread can share it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Hashable, TypeVar
+
+from cachetools import TTLCache
+
+from shared.errors import ModelLoadError
+
+V = TypeVar("V")
+EvictCallback = Callable[[Hashable, Any, str], None]
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: dict[str, int] = field(default_factory=lambda: {"lru": 0, "memory": 0, "ttl": 0, "manual": 0})
+
+    @property
+    def total_evictions(self) -> int:
+        return sum(v for k, v in self.evictions.items() if k != "manual")
+
+    def snapshot(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.total_evictions,
+                **{f"evictions_{k}": v for k, v in self.evictions.items()}}
+
+
+class _NotifyingTTLCache(TTLCache):
+    """A TTLCache that reports every item it drops on its own, with the reason."""
+
+    def __init__(self, owner: "ModelCache", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._owner = owner
+        self.reason = "memory"  # popitem is called by cachetools when the size budget overflows
+
+    def popitem(self) -> tuple[Hashable, Any]:
+        key, value = super().popitem()
+        self._owner._evicted(key, value, self.reason)
+        return key, value
+
+    def expire(self, time: float | None = None) -> list[tuple[Hashable, Any]]:
+        expired = super().expire(time)
+        for key, value in expired:
+            self._owner._evicted(key, value, "ttl")
+        return expired
+
+
+class ModelCache(Generic[V]):
+    """LRU + memory budget + idle TTL cache of loaded models.
+
+    Args:
+        max_models: at most this many entries.
+        max_bytes: the sum of entry sizes stays at or under this.
+        ttl_seconds: an entry not read or written for this long is evicted.
+        sizeof: the size in bytes of a value (the model's real parameter and buffer bytes).
+        on_evict: called as ``on_evict(key, value, reason)`` after an entry leaves on its own
+            (reason ``lru``, ``memory`` or ``ttl``) or by :meth:`pop` (``manual``); it unloads the model.
+        timer: the clock (a fake one in tests).
+    """
+
+    def __init__(self, max_models: int, max_bytes: int, ttl_seconds: float, sizeof: Callable[[V], int],
+                 on_evict: EvictCallback | None = None, timer: Callable[[], float] = time.monotonic) -> None:
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        self.counters = CacheCounters()
+        self._on_evict = on_evict
+        self._sizeof = sizeof
+        self._lock = threading.RLock()
+        self._cache = _NotifyingTTLCache(self, maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=sizeof)
+
+    def _evicted(self, key: Hashable, value: V, reason: str) -> None:
+        self.counters.evictions[reason] = self.counters.evictions.get(reason, 0) + 1
+        if self._on_evict is not None:
+            self._on_evict(key, value, reason)
+
+    def get(self, key: Hashable) -> V | None:
+        """The value if cached (a hit, which also refreshes recency and idle time), else None (a miss)."""
+        with self._lock:
+            self._cache.expire()
+            value = self._cache.get(key)
+            if value is None:
+                self.counters.misses += 1
+                return None
+            self.counters.hits += 1
+            self._cache[key] = value  # NOTE: re-setting restarts the idle TTL; TTLCache counts from insert
+            return value
+
+    def peek(self, key: Hashable) -> V | None:
+        """The value without counting a lookup or refreshing it."""
+        with self._lock:
+            self._cache.expire()
+            return self._cache.get(key)
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Insert, evicting least recently used entries until the count and the memory budget hold."""
+        size = self._sizeof(value)
+        if size > self.max_bytes:
+            raise ModelLoadError(
+                f"model {key} needs {size / 2**20:.1f} MB, more than the whole cache budget "
+                f"({self.max_bytes / 2**20:.1f} MB)")
+        with self._lock:
+            self._cache.expire()
+            if key in self._cache:
+                self.pop(key)
+            self._cache.reason = "lru"
+            try:
+                while len(self._cache) >= self.max_models:
+                    self._cache.popitem()
+            finally:
+                self._cache.reason = "memory"
+            self._cache[key] = value
+
+    def pop(self, key: Hashable) -> V | None:
+        """Remove an entry on request (an unload job); the eviction callback runs with reason ``manual``."""
+        with self._lock:
+            value = self._cache.pop(key, None)
+            if value is not None:
+                self._evicted(key, value, "manual")
+            return value
+
+    def expire(self) -> list[Hashable]:
+        """Evict idle entries now (called periodically so that idle models go even without traffic)."""
+        with self._lock:
+            return [key for key, _ in self._cache.expire()]
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._cache.keys()):
+                self.pop(key)
+
+    def items(self) -> list[tuple[Hashable, V]]:
+        with self._lock:
+            self._cache.expire()
+            return list(self._cache.items())
+
+    def __contains__(self, key: Hashable) -> bool:
+        return self.peek(key) is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+    @property
+    def current_bytes(self) -> int:
+        return int(self._cache.currsize)

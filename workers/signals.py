@@ -1,0 +1,59 @@
+"""Celery signal hooks: per-process set-up after the fork, and clean shutdown.
+
+A failing hook is logged and never kills the pool: a process whose adapter cannot start reports itself
+unhealthy in its heartbeat instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+
+from workers import process
+
+log = logging.getLogger(__name__)
+
+
+@celeryd_init.connect
+def _remember_node(sender: str | None = None, instance: Any = None, options: dict | None = None, **_: Any) -> None:
+    """Runs in the parent before the fork: children inherit the node's name, queues and process count."""
+    options = options or {}
+    if sender:
+        process.node["hostname"] = sender
+    queues = options.get("queues") or []
+    if isinstance(queues, str):
+        queues = [q for q in queues.split(",") if q]
+    process.node["queues"] = list(queues)
+    pool = str(options.get("pool") or "prefork")
+    concurrency = int(options.get("concurrency") or process.cpu_count())
+    # Thread and solo pools share one process: torch threads are split across the threads that run jobs.
+    process.node["processes"] = concurrency if pool in ("prefork", "processes", "threads") else 1
+
+
+@worker_process_init.connect
+def _init_child(**_: Any) -> None:
+    try:
+        process.init_process()
+    except Exception:
+        log.exception("worker process set-up failed; jobs will retry it")
+
+
+@worker_ready.connect
+def _init_single_process(sender: Any = None, **_: Any) -> None:
+    """Solo and thread pools have no child processes: set the runtime up in the worker itself."""
+    if sender is not None and getattr(sender, "hostname", None):
+        process.node["hostname"] = sender.hostname
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        try:
+            process.init_process()
+        except Exception:
+            log.exception("worker set-up failed; jobs will retry it")
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _shutdown(**_: Any) -> None:
+    process.shutdown_process()
