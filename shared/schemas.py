@@ -301,6 +301,8 @@ class ServingStats(BaseModel):
     cache_hits: int = 0
     cache_misses: int = 0
     cache_evictions: int = 0
+    cache_evictions_by_reason: dict[str, int] = Field(default_factory=dict)
+    """Evictions split by cause: ``lru`` (count bound), ``memory`` (budget), ``ttl`` (idle)."""
     latency_histogram_ms: dict[str, int] = Field(default_factory=dict)
     """Cumulative counts by bucket upper bound (``le``), Prometheus style, ``+Inf`` included."""
 

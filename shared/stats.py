@@ -42,9 +42,9 @@ class StatsWriter:
         self.worker_id = worker_id
         self.started_at = started_at if started_at is not None else time.time()
 
-    def record(self, outcomes: Iterable[JobOutcome], cache_hits: int = 0, cache_misses: int = 0,
-               cache_evictions: int = 0) -> None:
-        """Add finished predictions and cache counter deltas, atomically."""
+    def record(self, outcomes: Iterable[JobOutcome], cache: Mapping[str, int] | None = None) -> None:
+        """Add finished predictions and cache counter deltas (``hits``, ``misses``, ``evictions``,
+        ``evictions_<reason>``), atomically."""
         pipe = self.redis.pipeline(transaction=True)
         worker_key, fleet_key = self.keys.worker_stats(self.worker_id), self.keys.fleet_stats()
         for outcome in outcomes:
@@ -56,12 +56,12 @@ class StatsWriter:
                 if outcome.ok:
                     pipe.hincrbyfloat(key, "latency_sum_ms", outcome.latency_ms)
                     pipe.hincrby(key, bucket_field(outcome.latency_ms), 1)
-        for name, delta in (("cache_hits", cache_hits), ("cache_misses", cache_misses),
-                            ("cache_evictions", cache_evictions)):
+        for name, delta in (cache or {}).items():
             if delta:
-                pipe.hincrby(worker_key, name, delta)
-                pipe.hincrby(fleet_key, name, delta)
-        pipe.execute()
+                pipe.hincrby(worker_key, f"cache_{name}", delta)
+                pipe.hincrby(fleet_key, f"cache_{name}", delta)
+        if len(pipe):
+            pipe.execute()
 
     def heartbeat(self, models: list[ModelInfo], now: float | None = None, **fields: Any) -> None:
         """Publish this process's loaded models, memory and liveness (plus ``fields``: queues, health)."""
@@ -122,6 +122,8 @@ def stats_from_hash(raw: Mapping[Any, Any], *, now: float | None = None, models_
         cache_misses=int(h.get("cache_misses", 0)),
         cache_evictions=int(h.get("cache_evictions", 0)),
         latency_histogram_ms=cumulative,
+        cache_evictions_by_reason={k[len("cache_evictions_"):]: int(v) for k, v in h.items()
+                                   if k.startswith("cache_evictions_")},
     )
 
 

@@ -45,7 +45,7 @@ class WorkerRuntime:
         self.jobs = JobRecorder(self.redis, self.keys, settings.result_ttl_seconds)
         self._adapters: dict[tuple[str, str], ServingAdapter] = dict(adapters or {})
         self._lock = threading.RLock()
-        self._reported = {"hits": 0, "misses": 0, "evictions": 0}
+        self._reported: dict[str, int] = {}
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -169,20 +169,19 @@ class WorkerRuntime:
 
     # -- stats -----------------------------------------------------------------------------------------------
     def _cache_deltas(self) -> dict[str, int]:
-        totals = {"hits": 0, "misses": 0, "evictions": 0}
+        totals: dict[str, int] = defaultdict(int)
         for adapter in list(self._adapters.values()):
             for k, v in adapter.cache_counters().items():
-                if k in totals:
-                    totals[k] += v
-        deltas = {k: totals[k] - self._reported[k] for k in totals}
-        self._reported = totals
+                totals[k] += v
+        deltas = {k: v - self._reported.get(k, 0) for k, v in totals.items()}
+        self._reported = dict(totals)
         return deltas
 
     def flush(self, outcomes: list[JobOutcome]) -> None:
         """Write job outcomes and cache counter deltas in one round trip."""
         with self._lock:
-            d = self._cache_deltas()
-        self.stats.record(outcomes, cache_hits=d["hits"], cache_misses=d["misses"], cache_evictions=d["evictions"])
+            deltas = self._cache_deltas()
+        self.stats.record(outcomes, cache=deltas)
 
     def publish_state(self) -> None:
         """Heartbeat: loaded models, memory, health and queues of this process (and evictions since)."""

@@ -31,7 +31,7 @@ def test_counters_per_model_worker_and_fleet(redis) -> None:
     keys = Keys("t")
     w1, w2 = StatsWriter(redis, keys, "w1", started_at=100.0), StatsWriter(redis, keys, "w2", started_at=100.0)
     w1.record([JobOutcome("A_1h_patchtst", True, 4.0), JobOutcome("A_1h_patchtst", False, 0.0)],
-              cache_hits=3, cache_misses=1, cache_evictions=2)
+              cache={"hits": 3, "misses": 1, "evictions": 2, "evictions_lru": 2})
     w2.record([JobOutcome("B_1h_patchtst", True, 8.0)])
     w1.heartbeat([info("A_1h_patchtst", 2.0)], now=200.0, queues="infer.simple.cpu")
     w2.heartbeat([info("B_1h_patchtst", 3.0), info("A_1h_patchtst", 2.0)], now=200.0)
@@ -41,7 +41,7 @@ def test_counters_per_model_worker_and_fleet(redis) -> None:
     assert model.success_rate == 0.5 and model.average_inference_time_ms == 4.0
     worker = stats_w1 = reader.worker("w1")
     assert (stats_w1.cache_hits, stats_w1.cache_misses, stats_w1.cache_evictions) == (3, 1, 2)
-    assert worker.cache_hit_ratio == 0.75
+    assert worker.cache_hit_ratio == 0.75 and worker.cache_evictions_by_reason == {"lru": 2}
     assert worker.latency_histogram_ms["5"] == 1 and worker.latency_histogram_ms["+Inf"] == 1
 
 

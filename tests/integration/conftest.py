@@ -1,0 +1,137 @@
+"""Integration fixtures: the real Redis, a model store trained once per session, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import redis as redis_lib
+
+from shared.celery_app import create_celery_app
+from shared.keys import Keys
+from shared.settings import FleetSettings
+from shared.stats import StatsReader
+from tests.helpers import RedisServer, fleet_cmd, python_env, wait_for
+
+#: The Redis database the integration tier owns (flushed before and after; the default db 0 is never touched).
+TEST_DB = 12
+SYMBOLS = ["AAPL", "MSFT"]
+TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real models, trained on the project's own synthetic data and headlines, once for the session."""
+    from workers.store import ModelStore
+    from workers.training.train import create_models
+
+    root = tmp_path_factory.mktemp("model-store")
+    create_models(ModelStore(root), SYMBOLS, ["1h"], TYPES, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fleet_settings(redis_server: RedisServer, model_store: Path) -> Iterator[FleetSettings]:
+    settings = FleetSettings(redis_url=redis_server.url(TEST_DB), redis_key_prefix=f"it-{uuid.uuid4().hex[:8]}",
+                             model_store_dir=model_store)
+    client = redis_lib.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    yield settings
+    client.flushdb()
+
+
+@pytest.fixture()
+def redis_client(fleet_settings: FleetSettings) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(fleet_settings.redis_url)
+
+
+@pytest.fixture()
+def stats(fleet_settings: FleetSettings, redis_client: redis_lib.Redis) -> StatsReader:
+    return StatsReader(redis_client, Keys(fleet_settings.redis_key_prefix))
+
+
+@pytest.fixture(scope="session")
+def producer(fleet_settings: FleetSettings):
+    """A plain Celery producer on the test database: it sends jobs by public name, like any other service."""
+    app = create_celery_app(fleet_settings, name="test-producer")
+    yield app
+    app.close()
+
+
+def fleet_env(settings: FleetSettings, **extra: str) -> dict[str, str]:
+    return python_env(REDIS_URL=settings.redis_url, REDIS_KEY_PREFIX=settings.redis_key_prefix,
+                      MODEL_STORE_DIR=str(settings.model_store_dir), LOG_LEVEL="INFO", **extra)
+
+
+class WorkerProcess:
+    """A real ``fleet worker`` process consuming one pool's queue."""
+
+    def __init__(self, settings: FleetSettings, log_path: Path, adapter: str = "simple", concurrency: int = 1,
+                 pool: str = "prefork", **env: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            fleet_cmd("worker", "--adapter", adapter, "--device", "cpu", "-c", str(concurrency), "-P", pool),
+            env=fleet_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        reader = StatsReader(redis_lib.Redis.from_url(settings.redis_url), Keys(settings.redis_key_prefix))
+        try:
+            self.ids = wait_for(lambda: self._alive() and [w for w in reader.live_workers()
+                                                           if self._is_mine(reader, w)], 60, "a worker process")
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+
+    def _alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return True
+
+    def _is_mine(self, reader: StatsReader, worker_id: str) -> bool:
+        raw = reader.redis.hget(reader.keys.worker_stats(worker_id), "pid")
+        if raw is None:
+            return False
+        pid = int(raw)
+        try:
+            return os.getpgid(pid) == self.proc.pid  # children share the worker's process group
+        except ProcessLookupError:
+            return False
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture()
+def start_worker(fleet_settings: FleetSettings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(**kwargs) -> WorkerProcess:
+        worker = WorkerProcess(fleet_settings, tmp_path / f"worker-{len(started)}.log", **kwargs)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
