@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-from cachetools import TTLCache
+from cachetools import Cache, TTLCache
 
 from shared.errors import ModelLoadError
 
@@ -98,11 +98,18 @@ class ModelCache(Generic[V]):
             self._cache[key] = value  # NOTE: re-setting restarts the idle TTL; TTLCache counts from insert
             return value
 
+    def _quiet_get(self, key: Hashable) -> V | None:
+        # NOTE: TTLCache.__getitem__ moves the key to the recent end; reads that are not a use (peek, listing)
+        # go through the plain Cache lookup so that they leave the LRU order alone.
+        if key not in self._cache:  # TTLCache.__contains__ checks expiry and does not touch the order
+            return None
+        return Cache.__getitem__(self._cache, key)
+
     def peek(self, key: Hashable) -> V | None:
         """The value without counting a lookup or refreshing it."""
         with self._lock:
             self._cache.expire()
-            return self._cache.get(key)
+            return self._quiet_get(key)
 
     def put(self, key: Hashable, value: V) -> None:
         """Insert, evicting least recently used entries until the count and the memory budget hold."""
@@ -142,9 +149,10 @@ class ModelCache(Generic[V]):
                 self.pop(key)
 
     def items(self) -> list[tuple[Hashable, V]]:
+        """Entries (in insertion order); listing them is not a use."""
         with self._lock:
             self._cache.expire()
-            return list(self._cache.items())
+            return [(key, self._quiet_get(key)) for key in list(self._cache.keys())]
 
     def __contains__(self, key: Hashable) -> bool:
         return self.peek(key) is not None

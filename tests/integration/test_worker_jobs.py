@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
-from kombu import Connection, Exchange, Producer
+from kombu import Exchange, Producer
 
 from shared import routing, tasks
 from shared.keys import Keys
-from workers.training.synthetic import generate_series
+from tests.helpers import wait_for
+from workers.training.synthetic import generate_bars
 
 TIMEOUT = 60
 
@@ -21,8 +22,8 @@ def send(producer, name: str, job: dict):
 
 
 def window(symbol: str, rows: int = 200) -> np.ndarray:
-    series, _ = generate_series(symbol, "1h", n_bars=rows + 500, seed=123)
-    return series[-rows:]
+    # a different seed from training: data the model has not seen
+    return generate_bars(symbol, "1h", n_bars=rows + 500, seed=123).values[-rows:]
 
 
 def failure(result) -> tuple[str, str]:
@@ -66,7 +67,10 @@ def test_load_predict_batch_unload(worker, producer, redis_client, fleet_setting
     assert items[1]["error"]["type"] == "InvalidInputError" and "channel" in items[1]["error"]["message"]
     assert items[3]["error"]["type"] == "ModelNotFoundError"
     assert items[4]["error"]["type"] == "InvalidInputError" and items[4]["error"]["field"] == "requests.4"
-    record = {k.decode(): v.decode() for k, v in redis_client.hgetall(Keys(fleet_settings.redis_key_prefix).job(batch.id)).items()}
+    job_key = Keys(fleet_settings.redis_key_prefix).job(batch.id)
+    # the record's final state is written just after Celery stores the result (task_postrun)
+    record = wait_for(lambda: (r := {k.decode(): v.decode() for k, v in redis_client.hgetall(job_key).items()})
+                      and r.get("status") == "succeeded" and r, 10, "the batch job's final record")
     assert (record["progress_done"], record["progress_total"], record["status"]) == ("5", "5", "succeeded")
 
     sentiment = send(producer, tasks.PREDICT, {"symbol": "AAPL", "timeframe": "1h", "model_type": "sentiment",
@@ -108,9 +112,9 @@ def test_non_object_job_is_a_typed_error(worker, producer) -> None:
     assert failure(result)[0] == "InvalidInputError"
 
 
-def test_pickled_message_is_refused_and_worker_keeps_serving(worker, producer, fleet_settings) -> None:
+def test_pickled_message_is_refused_and_worker_keeps_serving(worker, producer) -> None:
     queue = routing.queue_name("simple", "cpu")
-    with Connection(fleet_settings.redis_url) as conn:
+    with producer.connection_for_write() as conn:  # the app's transport options (priority lists, separator)
         Producer(conn).publish(
             {"job": "whatever"}, serializer="pickle", exchange=Exchange(routing.QUEUE_PREFIX, type="direct"),
             routing_key=queue, declare=[q for q in routing.all_queues() if q.name == queue],

@@ -89,3 +89,15 @@ def test_reinserting_a_key_replaces_it() -> None:
     cache.put("a", 10)
     cache.put("a", 20)
     assert cache.peek("a") == 20 and cache.current_bytes == 20 and len(cache) == 1
+
+
+def test_listing_and_peeking_do_not_change_the_lru_order() -> None:
+    cache, _, evicted = make(max_models=2)
+    cache.put("a", 1)
+    cache.put("b", 1)
+    cache.get("a")  # order now: b, a
+    cache.items()
+    cache.peek("b")
+    assert "b" in cache
+    cache.put("c", 1)
+    assert evicted == [("b", "lru")]
