@@ -18,6 +18,14 @@ AdapterName = Literal["simple", "torchscript", "torchserve", "triton"]
 DeviceName = Literal["cpu", "cuda"]
 
 
+def state_dir() -> Path:
+    """Where the fleet keeps local state by default (``$XDG_STATE_HOME/finsight-fleet``)."""
+    import os  # NOTE: the one place that reads the environment directly: XDG is not a fleet setting
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "finsight-fleet"
+
+
 def _section(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore")
 
@@ -67,7 +75,7 @@ class TritonSettings(BaseSettings):
     ssl: bool = False
     insecure: bool = False
     """With SSL: skip certificate verification (test servers only)."""
-    model_repository: Path = Path("var/triton-repository")
+    model_repository: Path = Field(default_factory=lambda: state_dir() / "triton-repository")
     """Repository the adapter writes models into; the server must see the same directory."""
     backend: Literal["python", "pytorch_libtorch"] = "python"
     default_model_version: int = Field(1, ge=1)
@@ -115,7 +123,7 @@ class FleetSettings(BaseSettings):
     """Broker, result backend and stats store."""
     redis_key_prefix: str = "fleet"
     """Prefix of every key the fleet writes besides Celery's own (tests use their own prefix)."""
-    model_store_dir: Path = Path("var/model-store")
+    model_store_dir: Path = Field(default_factory=lambda: state_dir() / "model-store")
     """Root of the model store: ``<store>/<symbol>/<timeframe>/<model_type>/<version>/``."""
     result_ttl_seconds: int = Field(86400, gt=0)
     """How long job results, job documents and per-job keys live in Redis."""
@@ -128,6 +136,8 @@ class FleetSettings(BaseSettings):
     enable_health_checks: bool = True
     api_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Bodies larger than this are refused with 413."""
+    api_url: str = "http://127.0.0.1:8000"
+    """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
     pools: str = "simple:cpu"
     """Comma-separated ``adapter:device`` pools the API expects live workers for (``/readyz``)."""
 

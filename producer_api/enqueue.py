@@ -1,0 +1,129 @@
+"""Enqueueing jobs: validate, check the store, record, send. The routes only decode and encode around this.
+
+The order matters: the record is written (``queued``) before the message is sent, so a worker that takes the
+job at once always finds a record to update; if the broker refuses the message the record is dropped again
+and the client gets a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from producer_api.context import ApiContext
+from producer_api.errors import validation_error
+from shared import routing, store_layout, tasks
+from shared.errors import InvalidInputError
+from shared.schemas import BatchPredictJob, LoadJob, ModelKey, PredictJob, UnloadJob, model_id_for
+
+#: Job kind (as in :data:`shared.jobs.JOB_KINDS`) -> (payload schema, public task name).
+KINDS: dict[str, tuple[type[BaseModel], str]] = {
+    "load": (LoadJob, tasks.LOAD),
+    "unload": (UnloadJob, tasks.UNLOAD),
+    "predict": (PredictJob, tasks.PREDICT),
+    "batch_predict": (BatchPredictJob, tasks.BATCH_PREDICT),
+}
+
+
+def _check_finite(job: PredictJob, prefix: str = "") -> None:
+    # NOTE: the schema accepts NaN and inf (floats, "NaN" strings, 1e400, NaN in a tensor); no model output
+    # is meaningful for them, so they are refused here rather than failing in a worker.
+    series = job.inputs.series_array()
+    if series is not None and not np.isfinite(series).all():
+        field = f"{prefix}inputs.{'tensor' if job.inputs.tensor is not None else 'series'}"
+        raise InvalidInputError(f"{field}: values must be finite numbers (no NaN or infinity)", field=field)
+
+
+def _check_store(ctx: ApiContext, job: LoadJob | PredictJob) -> None:
+    key = ModelKey(symbol=job.symbol, timeframe=job.timeframe, model_type=job.model_type)
+    store_layout.model_dir(ctx.settings.model_store_dir, key, job.version)  # ModelNotFoundError -> 404
+
+
+def _batch_items(job: BatchPredictJob, now: float) -> list[dict[str, Any]]:
+    items = []
+    for index, raw in enumerate(job.requests):
+        try:
+            item = PredictJob.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc, prefix=("requests", index)) from None
+        _check_finite(item, prefix=f"requests.{index}.")
+        item.enqueued_at = now
+        items.append(item.model_dump(mode="json"))
+    return items
+
+
+def parse_job(ctx: ApiContext, kind: str, body: Any) -> BaseModel:
+    """Validate a decoded body as a ``kind`` job and stamp its enqueue time.
+
+    Raises:
+        InvalidInputError: the body or a batch item does not fit the schema, or series values are not finite
+            (422, naming the field).
+        ModelNotFoundError: a load or predict names a model (or version) the store lacks (404).
+    """
+    schema, _ = KINDS[kind]
+    try:
+        job = schema.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    now = time.time()
+    if isinstance(job, BatchPredictJob):
+        # NOTE: items are normalised here so that a bad one is a 422 now; a model missing from the store fails
+        # only its own item, in the worker, like any other per-item error.
+        job.requests = _batch_items(job, now)
+    if isinstance(job, PredictJob):
+        _check_finite(job)
+    if isinstance(job, (PredictJob, BatchPredictJob)):
+        job.enqueued_at = now
+    # An unload must work for a model already deleted from the store, so only loads and predicts are checked.
+    if isinstance(job, (LoadJob, PredictJob)):
+        _check_store(ctx, job)
+    return job
+
+
+def _model_id(job: BaseModel) -> str:
+    if isinstance(job, BatchPredictJob):
+        return ",".join(sorted({model_id_for(i["symbol"], i["timeframe"], i["model_type"]) for i in job.requests}))
+    return job.model_id  # type: ignore[attr-defined]
+
+
+async def submit(ctx: ApiContext, kind: str, job: BaseModel) -> tuple[str, float]:
+    """Record and send a validated job; returns its id and enqueue time.
+
+    Raises:
+        redis.exceptions.ConnectionError, kombu.exceptions.OperationalError: Redis is unreachable (503).
+    """
+    _, task_name = KINDS[kind]
+    job_id = str(uuid.uuid4())
+    payload = job.model_dump(mode="json")
+    queue = routing.queue_for_job(payload, ctx.settings)
+    adapter = payload.get("adapter") or ctx.settings.serving_adapter_type
+    device = payload.get("device") or ctx.settings.default_device
+    enqueued_at = payload.get("enqueued_at") or time.time()
+    await ctx.records.enqueued(job_id, kind, _model_id(job), adapter, device, queue, enqueued_at)
+    send = functools.partial(
+        ctx.celery.send_task, task_name, kwargs={"job": payload}, task_id=job_id, queue=queue,
+        priority=routing.broker_priority(payload.get("priority", 5)),
+        # NOTE: the default (nameless) exchange pushes straight onto the queue's list. Through the pools'
+        # exchange, kombu looks the queue up in a binding table that a restarted Redis without persistence has
+        # lost, and drops the message without a word until some worker declares the queue again.
+        exchange="",
+        # NOTE: no retries: with Redis down the client gets a 503 now instead of a request that hangs.
+        retry=False,
+    )
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, send)
+    except Exception:
+        ctx.metrics.jobs.labels(kind=kind, status="rejected").inc()
+        try:
+            await ctx.records.discard(job_id)
+        except Exception:  # Redis is likely down too; the record expires on its own
+            pass
+        raise
+    ctx.metrics.jobs.labels(kind=kind, status="queued").inc()
+    return job_id, enqueued_at

@@ -1,0 +1,107 @@
+"""Async reads of the fleet's shared state: live workers, what they hold, their stats and the queues.
+
+Workers write these hashes (see :mod:`shared.stats`); this module reads them with the API's asyncio client,
+batching each step into one pipeline, and turns them into :class:`shared.schemas.ServingStats` with the same
+pure helper the sync reader uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer_api.jobdoc import decode_hash
+from shared import routing
+from shared.keys import WORKER_HEARTBEAT_TTL_S, Keys
+from shared.schemas import ServingStats
+from shared.stats import stats_from_hash
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def live_workers(redis: Any, keys: Keys, now: float | None = None) -> list[str]:
+    """Worker ids whose heartbeat is fresher than :data:`WORKER_HEARTBEAT_TTL_S`."""
+    now = now if now is not None else time.time()
+    ids = await redis.zrangebyscore(keys.workers(), now - WORKER_HEARTBEAT_TTL_S, "+inf")
+    return [_text(i) for i in ids]
+
+
+async def models_held(redis: Any, keys: Keys, workers: list[str]) -> dict[str, list[str]]:
+    """Model id -> the live workers holding it now."""
+    pipe = redis.pipeline(transaction=False)
+    for worker in workers:
+        pipe.hkeys(keys.worker_models(worker))
+    held: dict[str, list[str]] = {}
+    for worker, model_ids in zip(workers, await pipe.execute()):
+        for model_id in model_ids:
+            held.setdefault(_text(model_id), []).append(worker)
+    return held
+
+
+async def workers_by_queue(redis: Any, keys: Keys) -> dict[str, list[str]]:
+    """Queue -> live workers consuming it, from the ``queues`` field workers put in their stats hash."""
+    workers = await live_workers(redis, keys)
+    pipe = redis.pipeline(transaction=False)
+    for worker in workers:
+        pipe.hget(keys.worker_stats(worker), "queues")
+    by_queue: dict[str, list[str]] = {}
+    for worker, queues in zip(workers, await pipe.execute()):
+        for queue in filter(None, _text(queues or b"").split(",")):
+            by_queue.setdefault(queue.strip(), []).append(worker)
+    return by_queue
+
+
+async def queue_depths(redis: Any) -> dict[str, int]:
+    """Messages waiting per pool queue, summed over kombu's per-priority lists."""
+    queues = [q.name for q in routing.all_queues()]
+    pipe = redis.pipeline(transaction=False)
+    for queue in queues:
+        for key in routing.redis_list_keys(queue):
+            pipe.llen(key)
+    lengths = iter(await pipe.execute())
+    return {queue: sum(next(lengths) for _ in routing.redis_list_keys(queue)) for queue in queues}
+
+
+async def serving_stats(redis: Any, keys: Keys) -> dict[str, Any]:
+    """``{"fleet": ServingStats, "workers": {id: ServingStats}, "models": {model_id: ServingStats}}``."""
+    now = time.time()
+    workers = await live_workers(redis, keys, now)
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(keys.fleet_stats())
+    pipe.smembers(keys.stats_models())
+    for worker in workers:
+        pipe.hgetall(keys.worker_stats(worker))
+    fleet_raw, model_ids, *worker_raw = await pipe.execute()
+    held = await models_held(redis, keys, workers)
+    per_worker = {w: stats_from_hash(raw, now=now) for w, raw in zip(workers, worker_raw)}
+    # A model loaded but never served has no stats hash yet; it is listed all the same.
+    models = sorted({_text(m) for m in model_ids} | set(held))
+    pipe = redis.pipeline(transaction=False)
+    for model_id in models:
+        pipe.hgetall(keys.model_stats(model_id))
+    per_model = {m: stats_from_hash(raw, now=now, models_loaded=len(held.get(m, ())))
+                 for m, raw in zip(models, await pipe.execute())}
+    fleet = stats_from_hash(fleet_raw, now=now,
+                            models_loaded=sum(s.models_loaded for s in per_worker.values()),
+                            memory_mb=sum(s.total_memory_mb for s in per_worker.values()))
+    return {"fleet": fleet, "workers": per_worker, "models": per_model}
+
+
+@dataclass
+class FleetSnapshot:
+    """What ``/metrics`` reports about the fleet, read in one go before rendering."""
+
+    fleet: ServingStats
+    latency_sum_ms: float
+    workers_live: int
+    queue_depths: dict[str, int] = field(default_factory=dict)
+
+
+async def snapshot(redis: Any, keys: Keys) -> FleetSnapshot:
+    stats = await serving_stats(redis, keys)
+    raw = decode_hash(await redis.hgetall(keys.fleet_stats()))
+    return FleetSnapshot(fleet=stats["fleet"], latency_sum_ms=float(raw.get("latency_sum_ms", 0.0)),
+                         workers_live=len(stats["workers"]), queue_depths=await queue_depths(redis))

@@ -1,0 +1,99 @@
+"""The OpenAPI 3.1 document, generated from the pydantic models the routes validate and answer with.
+
+Schemas come from :func:`pydantic.json_schema.models_json_schema` with refs pointing into
+``components/schemas``; only the route table below (paths, parameters, which model goes where) is written by
+hand, and the tests validate the result with ``openapi-spec-validator``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+import shared
+from producer_api.body import MAX_WAIT_S
+from producer_api.jobdoc import JobDocument
+from producer_api.responses import (Accepted, BatchPredictRequest, ErrorResponse, Health, ModelList,
+                                    StatsResponse)
+from shared.schemas import LoadJob, PredictJob, UnloadJob
+
+REF = "#/components/schemas/{model}"
+_JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Job id"}
+_WAIT = {"name": "wait", "in": "query", "required": False,
+         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
+         "description": "Hold the request up to this many seconds for the job to end (200 with the document); "
+                        "202 with the job id when it does not."}
+_MSGPACK = ("application/msgpack",)
+
+# (method, path, summary, request model, {status: response model or media type}, parameters)
+_ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] = [
+    ("post", "/v1/models/load", "Load a model into a pool's workers", LoadJob, {202: Accepted}, [_WAIT]),
+    ("post", "/v1/models/unload", "Unload a model from a pool's worker", UnloadJob, {202: Accepted}, [_WAIT]),
+    ("post", "/v1/predict", "Enqueue one prediction", PredictJob, {200: JobDocument, 202: Accepted}, [_WAIT]),
+    ("post", "/v1/predict/batch", "Enqueue many predictions as one job", BatchPredictRequest,
+     {200: JobDocument, 202: Accepted}, [_WAIT]),
+    ("get", "/v1/jobs/{id}", "A job's document", None, {200: JobDocument}, [_JOB_ID, _WAIT]),
+    ("delete", "/v1/jobs/{id}", "Cancel a queued or running job", None, {200: JobDocument}, [_JOB_ID]),
+    ("get", "/v1/jobs/{id}/events", "WebSocket: the job's document now, then at each change until final",
+     None, {101: "websocket"}, [_JOB_ID]),
+    ("get", "/v1/models", "Models in the store, with the live workers holding each", None, {200: ModelList}, []),
+    ("get", "/v1/stats", "Serving stats of the fleet, its workers and models", None, {200: StatsResponse}, []),
+    ("get", "/healthz", "Liveness of this API process", None, {200: Health}, []),
+    ("get", "/readyz", "Readiness: Redis reachable and a live worker per configured pool", None,
+     {200: Health, 503: ErrorResponse}, []),
+    ("get", "/metrics", "Prometheus metrics", None, {200: "text/plain"}, []),
+    ("get", "/openapi.json", "This document", None, {200: "application/json"}, []),
+    ("get", "/docs", "A browsable listing of this document", None, {200: "text/html"}, []),
+]
+_DESCRIPTIONS = {101: "Switching Protocols", 200: "OK", 202: "Accepted", 400: "Malformed body",
+                 404: "Unknown job, model or route", 409: "Job already final", 413: "Body too large",
+                 422: "Invalid input", 503: "Redis or the fleet unavailable", 500: "Internal error"}
+
+
+def _response(status: int, target: Any, refs: dict[Any, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "")}
+    if isinstance(target, str):
+        if target != "websocket":
+            out["content"] = {target: {"schema": {"type": "string" if target != "application/json" else "object"}}}
+    else:
+        out["content"] = {"application/json": {"schema": refs[(target, "serialization")]}}
+    return out
+
+
+@lru_cache(maxsize=1)
+def build_spec() -> dict[str, Any]:
+    """The OpenAPI document (built once per process; treat it as read-only)."""
+    models = {m for _, _, _, m, _, _ in _ROUTES if m is not None}
+    answers = {t for *_, responses, _ in _ROUTES for t in responses.values() if not isinstance(t, str)}
+    answers.add(ErrorResponse)
+    pairs = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
+    pairs += [(m, "serialization") for m in sorted(answers, key=lambda m: m.__name__)]
+    refs, top = models_json_schema(pairs, ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, summary, request, responses, params in _ROUTES:
+        op: dict[str, Any] = {"summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_')}"}
+        if params:
+            op["parameters"] = params
+        if request is not None:
+            schema = refs[(request, "validation")]
+            content = {"application/json": {"schema": schema}}
+            content.update({t: {"schema": schema} for t in _MSGPACK})
+            op["requestBody"] = {"required": True, "content": content}
+        answered = {s: _response(s, t, refs) for s, t in responses.items()}
+        for status in ((400, 404, 413, 422, 503) if request is not None else (404,) if "{id}" in path else ()):
+            answered.setdefault(status, _response(status, ErrorResponse, refs))
+        if method == "delete":
+            answered[409] = _response(409, ErrorResponse, refs)
+        answered[500] = _response(500, ErrorResponse, refs)
+        op["responses"] = {str(s): r for s, r in sorted(answered.items())}
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "FinSight Fleet", "version": shared.__version__,
+                 "description": "Async inference jobs for forecasters and sentiment models on Celery + Redis. "
+                                "Bodies are JSON or msgpack; every error is {\"error\": {type, message, field?}}."},
+        "paths": paths,
+        "components": {"schemas": top.get("$defs", {})},
+    }

@@ -1,0 +1,53 @@
+"""Job documents: read one (optionally waiting for it to end) and cancel one."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from aiohttp import web
+
+from producer_api.body import wait_param
+from producer_api.context import ctx
+from producer_api.errors import JobFinishedError
+from producer_api.watch import wait_for_job
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/jobs/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    c, job_id = ctx(request), request.match_info["id"]
+    wait = wait_param(request)
+    if wait is None:
+        return web.json_response((await c.records.require(job_id)).model_dump(mode="json"))
+    doc, was_final = await wait_for_job(c.redis, c.records, job_id, wait)
+    if doc.final and not was_final:  # this request saw the job end: one end-to-end sample
+        enqueued_at = await c.redis.hget(c.keys.job(job_id), "enqueued_at")
+        if enqueued_at:
+            c.metrics.job_latency.labels(kind=doc.kind or "unknown").observe(
+                max(0.0, time.time() - float(enqueued_at)))
+    return web.json_response(doc.model_dump(mode="json"))
+
+
+@routes.delete("/v1/jobs/{id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    c, job_id = ctx(request), request.match_info["id"]
+    doc = await c.records.require(job_id)
+    if doc.final:
+        raise JobFinishedError(f"job {job_id} is already {doc.status}; it can no longer be cancelled",
+                               field="job_id")
+    await c.records.cancel(job_id)
+    # NOTE: the cancel flag (set above) is what workers honour, before a job and between batch items; the
+    # revoke only spares a queued message a trip through a worker, so its failure is logged, not raised.
+    # It never terminates a running job: that would kill a worker process holding models.
+    revoke = functools.partial(c.celery.control.revoke, job_id)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, revoke)
+    except Exception as exc:
+        log.warning("revoke of job %s failed (the cancel flag stands): %s", job_id, exc)
+    c.metrics.jobs.labels(kind=doc.kind or "unknown", status="cancelled").inc()
+    return web.json_response((await c.records.require(job_id)).model_dump(mode="json"))

@@ -1,0 +1,50 @@
+"""Job submission: load, unload, predict and batch predict. Each answers 202 with the job id, or, with
+``?wait=S``, 200 with the finished job document when the job ends within S seconds."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from producer_api.body import read_body, wait_param
+from producer_api.context import ctx
+from producer_api.enqueue import parse_job, submit
+from producer_api.responses import Accepted
+from producer_api.watch import wait_for_job
+
+routes = web.RouteTableDef()
+
+
+async def enqueue(request: web.Request, kind: str) -> web.Response:
+    """Validate, enqueue and optionally wait for one ``kind`` job."""
+    c = ctx(request)
+    wait = wait_param(request)  # before enqueueing: a bad ?wait must not leave a job behind
+    job = parse_job(c, kind, await read_body(request))
+    job_id, enqueued_at = await submit(c, kind, job)
+    if wait is not None:
+        doc, _ = await wait_for_job(c.redis, c.records, job_id, wait)
+        if doc.final:
+            c.metrics.job_latency.labels(kind=kind).observe(max(0.0, time.time() - enqueued_at))
+            return web.json_response(doc.model_dump(mode="json"))
+    return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
+
+
+@routes.post("/v1/models/load")
+async def load_model(request: web.Request) -> web.Response:
+    return await enqueue(request, "load")
+
+
+@routes.post("/v1/models/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    return await enqueue(request, "unload")
+
+
+@routes.post("/v1/predict")
+async def predict(request: web.Request) -> web.Response:
+    return await enqueue(request, "predict")
+
+
+@routes.post("/v1/predict/batch")
+async def predict_batch(request: web.Request) -> web.Response:
+    return await enqueue(request, "batch_predict")

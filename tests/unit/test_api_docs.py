@@ -1,0 +1,52 @@
+"""The OpenAPI document (generated, valid 3.1) and the docs page; and the API's imports stay torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from openapi_spec_validator import validate
+
+from tests.unit.test_api_helpers import aredis, celery, client, server, settings  # noqa: F401
+
+
+async def test_openapi_is_valid_and_covers_every_route(client):
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
+    spec = await resp.json()
+    validate(spec)
+    assert spec["openapi"].startswith("3.1")
+    expected = {"/v1/models/load", "/v1/models/unload", "/v1/predict", "/v1/predict/batch", "/v1/jobs/{id}",
+                "/v1/jobs/{id}/events", "/v1/models", "/v1/stats", "/healthz", "/readyz", "/metrics",
+                "/openapi.json", "/docs"}
+    assert expected == set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert {"PredictJob", "JobDocument", "ErrorResponse", "ServingStats", "EncodedTensor"} <= set(schemas)
+    predict = spec["paths"]["/v1/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) >= {"application/json", "application/msgpack"}
+    assert predict["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Accepted"}
+    assert "cache_hit_ratio" in schemas["ServingStats"]["properties"]
+
+
+async def test_every_route_of_the_app_is_documented(client):
+    spec = await (await client.get("/openapi.json")).json()
+    for route in client.app.router.routes():
+        path = route.resource.canonical
+        if route.method == "HEAD":
+            continue
+        assert route.method.lower() in spec["paths"][path], (route.method, path)
+
+
+async def test_docs_page_is_served(client):
+    resp = await client.get("/docs")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert "/openapi.json" in await resp.text()
+
+
+def test_the_api_never_imports_torch_or_workers():
+    code = ("import sys; import producer_api.app, producer_api.cli.serve; producer_api.app.create_app(); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers'))); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

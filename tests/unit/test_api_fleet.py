@@ -1,0 +1,127 @@
+"""Models, stats, health, readiness and metrics, read from hashes written by the real ``StatsWriter``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.keys import WORKER_HEARTBEAT_TTL_S
+from shared.schemas import ModelInfo
+from shared.stats import JobOutcome, StatsWriter
+from tests.unit.test_api_helpers import (KEYS, aredis, celery, client, enqueue, server, settings,  # noqa: F401
+                                         sredis)
+
+MODEL = "AAPL_1h_patchtst"
+
+
+def _info(model_id: str = MODEL, memory: float = 10.0) -> ModelInfo:
+    return ModelInfo(model_id=model_id, symbol="AAPL", timeframe="1h", model_type=model_id.rsplit("_", 1)[1],
+                     model_path="/store", is_loaded=True, memory_usage_mb=memory)
+
+
+@pytest.fixture
+def fleet(sredis):
+    """Two live workers (one holding the model, on infer.simple.cpu) and one whose heartbeat is stale."""
+    live = StatsWriter(sredis, KEYS, "alpha@host|11", started_at=time.time() - 100)
+    live.heartbeat([_info()], queues="infer.simple.cpu")
+    live.record([JobOutcome(MODEL, True, 4.0), JobOutcome(MODEL, True, 40.0), JobOutcome(MODEL, False, 1.0)],
+                cache={"hits": 3, "misses": 1, "evictions_memory": 2})
+    idle = StatsWriter(sredis, KEYS, "beta@host|12")
+    idle.heartbeat([], queues="infer.torchscript.cuda")
+    stale = StatsWriter(sredis, KEYS, "gone@host|13")
+    stale.heartbeat([_info()], now=time.time() - WORKER_HEARTBEAT_TTL_S - 5, queues="infer.simple.cpu")
+    return sredis
+
+
+async def test_models_lists_the_store_with_live_holders(client, fleet):
+    body = await (await client.get("/v1/models")).json()
+    by_id = {m["model_id"]: m for m in body["models"]}
+    assert set(by_id) == {"AAPL_1h_patchtst", "AAPL_1h_sentiment"}
+    assert by_id[MODEL]["versions"] == ["1", "2"] and by_id[MODEL]["latest"] == "2"
+    assert by_id[MODEL]["meta"] == {"trained_on": "2"}
+    assert by_id[MODEL]["loaded_on"] == ["alpha@host|11"]
+    assert by_id["AAPL_1h_sentiment"]["loaded_on"] == []
+
+
+async def test_stats_for_fleet_workers_and_models(client, fleet):
+    body = await (await client.get("/v1/stats")).json()
+    assert set(body["workers"]) == {"alpha@host|11", "beta@host|12"}
+    fleet_stats = body["fleet"]
+    assert fleet_stats["total_predictions"] == 3 and fleet_stats["successful_predictions"] == 2
+    assert fleet_stats["average_inference_time_ms"] == pytest.approx(22.0)
+    assert fleet_stats["models_loaded"] == 1 and fleet_stats["total_memory_mb"] == 10.0
+    assert fleet_stats["cache_hit_ratio"] == 0.75
+    model = body["models"][MODEL]
+    assert model["failed_predictions"] == 1 and model["models_loaded"] == 1
+    assert model["latency_histogram_ms"]["5"] == 1 and model["latency_histogram_ms"]["+Inf"] == 2
+    assert body["workers"]["alpha@host|11"]["uptime_seconds"] >= 100
+
+
+async def test_stats_on_an_empty_fleet(client):
+    body = await (await client.get("/v1/stats")).json()
+    assert body["workers"] == {} and body["models"] == {} and body["fleet"]["total_predictions"] == 0
+
+
+async def test_healthz_is_always_200(client):
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+async def test_readyz_needs_a_live_worker_per_pool(client, sredis):
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    error = (await resp.json())["error"]
+    assert error["type"] == "NotReadyError" and "infer.simple.cpu" in error["message"]
+    StatsWriter(sredis, KEYS, "gone|1").heartbeat([], now=time.time() - 60, queues="infer.simple.cpu")
+    assert (await client.get("/readyz")).status == 503
+    StatsWriter(sredis, KEYS, "w|2").heartbeat([], queues="infer.simple.cpu,infer.simple.cuda")
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready", "workers": {"infer.simple.cpu": 1}}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_metrics_report_the_api_and_the_fleet(client, fleet):
+    await enqueue(client)
+    fleet.rpush("infer.simple.cpu", "m1", "m2")
+    fleet.rpush("infer.simple.cpu:6", "m3")
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = _samples(await resp.text())
+    assert samples[("fleet_api_jobs_total", (("kind", "predict"), ("status", "queued")))] == 1
+    assert samples[("fleet_predictions_total", (("status", "ok"),))] == 2
+    assert samples[("fleet_queue_depth", (("queue", "infer.simple.cpu"),))] == 3
+    assert samples[("fleet_queue_depth", (("queue", "infer.triton.cuda"),))] == 0
+    assert samples[("fleet_inference_latency_seconds_bucket", (("le", "0.005"),))] == 1
+    assert samples[("fleet_inference_latency_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("fleet_inference_latency_seconds_count", ())] == 2
+    assert samples[("fleet_inference_latency_seconds_sum", ())] == pytest.approx(0.044)
+    assert samples[("fleet_models_loaded", ())] == 1 and samples[("fleet_workers_live", ())] == 2
+    assert samples[("fleet_cache_hit_ratio", ())] == 0.75
+    assert samples[("fleet_cache_evictions_total", (("reason", "memory"),))] == 2
+
+
+async def test_each_app_has_its_own_registry(client, aiohttp_client, settings, aredis, celery):
+    from producer_api.app import create_app
+
+    other = await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
+    await enqueue(client)
+    samples = _samples(await (await other.get("/metrics")).text())
+    assert ("fleet_api_jobs_total", (("kind", "predict"), ("status", "queued"))) not in samples
+
+
+async def test_metrics_can_be_switched_off(aiohttp_client, settings, aredis, celery):
+    from producer_api.app import create_app
+
+    off = settings.model_copy(update={"enable_metrics": False})
+    client = await aiohttp_client(create_app(off, redis=aredis, celery_app=celery))
+    assert (await client.get("/metrics")).status == 404

@@ -1,0 +1,115 @@
+"""Fixtures and fakes shared by the ``test_api_*`` modules (imported by them; this module has no tests).
+
+The API runs on fakeredis' asyncio client; a sync fakeredis client on the same server plays the worker
+(``shared.jobs.JobRecorder`` and Celery's result writes), and :class:`FakeCelery` records what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import fakeredis
+import fakeredis.aioredis
+import pytest
+
+from producer_api.app import create_app
+from shared.jobs import JobRecorder
+from shared.keys import Keys
+from shared.settings import FleetSettings
+
+PREFIX = "t"
+KEYS = Keys(PREFIX)
+SERIES = [[1.0, 2.0], [1.5, 2.5], [2.0, 3.0]]
+PREDICT = {"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "inputs": {"series": SERIES}}
+
+
+class FakeCelery:
+    """Records ``send_task`` and ``control.revoke`` calls; raises ``error`` from ``send_task`` when set."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.revoked: list[str] = []
+        self.error: BaseException | None = None
+        self.control = SimpleNamespace(revoke=self.revoked.append)
+
+    def send_task(self, name: str, **options: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.sent.append((name, options))
+
+
+def make_store(root: Path) -> Path:
+    """A model store with AAPL 1h patchtst (versions 1, 2) and AAPL 1h sentiment (version 1)."""
+    for model_type, versions in (("patchtst", ("1", "2")), ("sentiment", ("1",))):
+        for version in versions:
+            d = root / "AAPL" / "1h" / model_type / version
+            d.mkdir(parents=True)
+            (d / "config.json").write_text("{}")
+            (d / "meta.json").write_text(json.dumps({"trained_on": version}))
+    return root
+
+
+def settings_for(store: Path, **overrides: Any) -> FleetSettings:
+    return FleetSettings(_env_file=None, model_store_dir=store, redis_key_prefix=PREFIX, pools="simple:cpu",
+                         **overrides)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+async def aredis(server: fakeredis.FakeServer) -> Any:
+    client = fakeredis.aioredis.FakeRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def sredis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    """The worker side: a sync client on the same fake server."""
+    return fakeredis.FakeRedis(server=server)
+
+
+@pytest.fixture
+def recorder(sredis: fakeredis.FakeRedis) -> JobRecorder:
+    return JobRecorder(sredis, KEYS, 3600)
+
+
+@pytest.fixture
+def celery() -> FakeCelery:
+    return FakeCelery()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> FleetSettings:
+    return settings_for(make_store(tmp_path / "store"))
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, celery: FakeCelery) -> Any:
+    return await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
+
+
+def store_result(sredis: fakeredis.FakeRedis, job_id: str, status: str = "SUCCESS", result: Any = None) -> None:
+    """Write and publish Celery's result meta the way its Redis backend does (SET then PUBLISH, one pipeline)."""
+    meta = json.dumps({"status": status, "result": result, "traceback": None, "children": [],
+                       "date_done": "2024-01-01T00:00:00", "task_id": job_id})
+    pipe = sredis.pipeline()
+    pipe.set(Keys.celery_result(job_id), meta)
+    pipe.publish(Keys.celery_result(job_id), meta)
+    pipe.execute()
+
+
+def failure(exc_type: str, message: str) -> dict[str, Any]:
+    return {"exc_type": exc_type, "exc_message": [message], "exc_module": "shared.errors"}
+
+
+async def enqueue(client: Any, body: dict[str, Any] | None = None, path: str = "/v1/predict") -> str:
+    resp = await client.post(path, json=body or PREDICT)
+    assert resp.status == 202, await resp.text()
+    return (await resp.json())["job_id"]
