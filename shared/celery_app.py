@@ -20,6 +20,7 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
     settings = settings or get_settings()
     app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
     hard_limit = settings.job_time_limit_seconds
+    visibility = 2 * hard_limit
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -35,7 +36,7 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         # process waits. Batching pools raise it on purpose (they need several jobs in hand to batch).
         worker_prefetch_multiplier=1,
         task_time_limit=hard_limit,
-        task_soft_time_limit=max(1, hard_limit - 30),
+        task_soft_time_limit=hard_limit - min(30, max(1, hard_limit // 10)),
         result_expires=settings.result_ttl_seconds,
         result_extended=False,
         task_track_started=True,
@@ -46,7 +47,11 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
             # NOTE: Redis has no real acks: a delivered, unacked message comes back after the visibility
             # timeout. It must outlast the longest job (the hard time limit) or a slow job would run twice;
             # twice the limit leaves room for the result write and a worker's shutdown grace.
-            "visibility_timeout": 2 * hard_limit,
+            "visibility_timeout": visibility,
+            # Sweep for messages of dead workers a few times per visibility timeout (one ZRANGE each), not
+            # kombu's default of every 100 s, so that redelivery follows the timeout closely.
+            "unacked_restore_interval": max(1, min(60, visibility // 4)),
+            "unacked_restore_throttle": 1,
             "priority_steps": routing.PRIORITY_STEPS,
             "sep": routing.PRIORITY_SEP,
             "queue_order_strategy": "priority",

@@ -48,6 +48,12 @@ class WorkerRuntime:
         self._reported: dict[str, int] = {}
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self.batcher = None
+        if settings.batch.enabled:
+            from workers.batching import DynamicBatcher
+
+            self.batcher = DynamicBatcher(lambda jobs: self.predict_many(jobs)[0],
+                                          settings.batch.max_batch_size, settings.batch.max_batch_delay_ms / 1000)
 
     # -- adapters --------------------------------------------------------------------------------------------
     def adapter(self, name: str | None = None, device: str | None = None) -> ServingAdapter:
@@ -187,8 +193,9 @@ class WorkerRuntime:
         """Heartbeat: loaded models, memory, health and queues of this process (and evictions since)."""
         healthy = all(a.health_check().get("healthy", False) for a in list(self._adapters.values()))
         self.flush([])
+        extra = {"batches": self.batcher.batches, "batched_jobs": self.batcher.jobs} if self.batcher else {}
         self.stats.heartbeat(self.loaded_models(), queues=",".join(self.queues), healthy=int(healthy),
-                             pid=os.getpid())
+                             pid=os.getpid(), **extra)
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(WORKER_HEARTBEAT_INTERVAL_S):
@@ -208,6 +215,8 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        if self.batcher is not None:
+            self.batcher.close()
         for adapter in list(self._adapters.values()):
             try:
                 adapter.close()

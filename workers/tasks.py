@@ -91,6 +91,9 @@ def _load(task: Task, runtime: WorkerRuntime, job: LoadJob) -> tuple[BaseModel, 
 
 
 def _predict(task: Task, runtime: WorkerRuntime, job: PredictJob) -> tuple[BaseModel, float, float]:
+    if runtime.batcher is not None:
+        result = runtime.batcher.predict(job)
+        return result, 0.0, result.inference_time_ms
     result, load_ms = runtime.predict(job)
     return result, load_ms, result.inference_time_ms
 
@@ -120,7 +123,11 @@ def load(self: Task, job: Any = None) -> dict[str, Any]:
 
 @app.task(name=names.PREDICT, **_options)
 def predict(self: Task, job: Any = None) -> dict[str, Any]:
-    return run_job(self, PredictJob, job, _predict)
+    batcher = get_runtime().batcher
+    if batcher is None:
+        return run_job(self, PredictJob, job, _predict)
+    with batcher.arriving():  # lets the batcher know one more job is on its way
+        return run_job(self, PredictJob, job, _predict)
 
 
 @app.task(name=names.BATCH_PREDICT, **_options)

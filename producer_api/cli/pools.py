@@ -27,16 +27,26 @@ def worker_argv(adapter: str, device: str, concurrency: int, pool: str, loglevel
 @click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]), default="prefork")
 @click.option("--loglevel", "-l", default=None, help="Log level (LOG_LEVEL by default).")
 @click.option("--name", "-n", default=None, help="Celery node name (unique by default).")
+@click.option("--batching/--no-batching", default=None,
+              help="Dynamic batching of predict jobs (BATCH_ENABLED by default); runs the thread pool.")
 def worker(adapter: str | None, device: str | None, concurrency: int | None, pool: str,
-           loglevel: str | None, name: str | None) -> None:
+           loglevel: str | None, name: str | None, batching: bool | None) -> None:
     """Run a worker pool that consumes exactly the queue infer.<adapter>.<device>."""
     from shared.settings import get_settings
 
+    if batching is not None:
+        os.environ["BATCH_ENABLED"] = "true" if batching else "false"
+        get_settings.cache_clear()
     settings = get_settings()
     adapter = adapter or settings.serving_adapter_type
     device = device or settings.default_device
     from workers.process import cpu_count
 
+    if settings.batch.enabled:
+        # NOTE: one process; its task threads feed the batcher, so the thread count bounds the batch size.
+        # Run one such worker per core (each gets one torch thread) to use every core.
+        pool = "threads"
+        concurrency = concurrency or settings.batch.max_batch_size
     concurrency = concurrency or (1 if pool == "solo" else cpu_count())
     from workers.app import app  # imported here: only this subcommand needs torch
 

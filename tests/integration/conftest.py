@@ -79,12 +79,14 @@ class WorkerProcess:
     """A real ``fleet worker`` process consuming one pool's queue."""
 
     def __init__(self, settings: FleetSettings, log_path: Path, adapter: str = "simple", concurrency: int = 1,
-                 pool: str = "prefork", **env: str) -> None:
+                 pool: str = "prefork", batching: bool = False, **env: str) -> None:
         self.settings = settings
         self.log_path = log_path
         self.log = open(log_path, "w")
+        args = ["worker", "--adapter", adapter, "--device", "cpu", "-P", pool]
+        args += ["--batching"] if batching else ["-c", str(concurrency), "--no-batching"]
         self.proc = subprocess.Popen(
-            fleet_cmd("worker", "--adapter", adapter, "--device", "cpu", "-c", str(concurrency), "-P", pool),
+            fleet_cmd(*args),
             env=fleet_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         reader = StatsReader(redis_lib.Redis.from_url(settings.redis_url), Keys(settings.redis_key_prefix))
         try:
