@@ -39,7 +39,9 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         task_soft_time_limit=hard_limit - min(30, max(1, hard_limit // 10)),
         result_expires=settings.result_ttl_seconds,
         result_extended=False,
-        task_track_started=True,
+        # NOTE: no STARTED state in the result backend: workers mark jobs running in the job record, in the same
+        # round trip as the cancellation check, instead of one more write per job.
+        task_track_started=False,
         task_send_sent_event=True,
         worker_send_task_events=True,
         broker_connection_retry_on_startup=True,

@@ -36,9 +36,11 @@ class JobRecorder:
         self.keys = keys
         self.ttl = ttl_seconds
 
-    def _write(self, job_id: str, fields: dict[str, Any], event: str | None) -> None:
+    def _write(self, job_id: str, fields: dict[str, Any], event: str | None, pipe: Any = None) -> None:
+        """Write fields (and publish the event) now, or add the commands to ``pipe`` for the caller to run."""
         key = self.keys.job(job_id)
-        pipe = self.redis.pipeline(transaction=True)
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=True) if own else pipe
         pipe.hset(key, mapping={k: ("" if v is None else v) for k, v in fields.items()})
         pipe.expire(key, self.ttl)
         if event:
@@ -48,28 +50,30 @@ class JobRecorder:
             if "error" in fields and fields["error"]:
                 extra["error"] = json.loads(fields["error"])
             pipe.publish(self.keys.job_events(job_id), event_message(job_id, event, **extra))
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def enqueued(self, job_id: str, kind: str, model_id: str, adapter: str, device: str, queue: str,
                  enqueued_at: float) -> None:
         self._write(job_id, {"kind": kind, "model_id": model_id, "adapter": adapter, "device": device,
                              "queue": queue, "status": "queued", "enqueued_at": enqueued_at}, "queued")
 
-    def running(self, job_id: str, worker: str, started_at: float, total: int | None = None) -> None:
+    def running(self, job_id: str, worker: str, started_at: float, total: int | None = None,
+                pipe: Any = None) -> None:
         fields: dict[str, Any] = {"status": "running", "worker": worker, "started_at": started_at}
         if total is not None:
             fields.update(progress_done=0, progress_total=total)
-        self._write(job_id, fields, "running")
+        self._write(job_id, fields, "running", pipe)
 
     def progress(self, job_id: str, done: int, total: int) -> None:
         self._write(job_id, {"progress_done": done, "progress_total": total}, "progress")
 
     def finished(self, job_id: str, ok: bool, *, load_ms: float = 0.0, inference_ms: float = 0.0,
-                 error: dict[str, Any] | None = None, status: str | None = None) -> None:
+                 error: dict[str, Any] | None = None, status: str | None = None, pipe: Any = None) -> None:
         status = status or ("succeeded" if ok else "failed")
         self._write(job_id, {"status": status, "finished_at": time.time(), "load_ms": round(load_ms, 3),
                              "inference_ms": round(inference_ms, 3),
-                             "error": json.dumps(error) if error else ""}, status)
+                             "error": json.dumps(error) if error else ""}, status, pipe)
 
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.job_cancelled(job_id)))

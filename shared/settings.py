@@ -83,6 +83,12 @@ class TritonSettings(BaseSettings):
     max_queue_delay_us: int = Field(2000, ge=0)
     timeout_seconds: float = Field(10.0, gt=0)
     """Network timeout for every call to the server; a dead server fails jobs within it."""
+    load_timeout_seconds: float = Field(120.0, gt=0)
+    """How long loading a model on the server may take (a Python-backend model starts a process, imports torch)."""
+    max_models_loaded: int = Field(8, ge=1)
+    """LRU bound: at most this many models one worker process keeps loaded on the server (eviction unloads)."""
+    model_timeout_seconds: float = Field(3600, gt=0)
+    """Idle TTL: a model this process has not used for this long is unloaded from the server."""
 
 
 class TorchServeSettings(BaseSettings):

@@ -56,7 +56,9 @@ def init_process(settings: FleetSettings | None = None, queues: Sequence[str] | 
         threads = torch_threads_for(settings, int(node["processes"]))
         torch.set_num_threads(threads)
         queues = list(queues if queues is not None else node["queues"])
-        runtime = WorkerRuntime(settings, worker_id(), queues=queues)
+        from shared.celery_app import app  # the worker's app: its backend encodes results for the predict path
+
+        runtime = WorkerRuntime(settings, worker_id(), queues=queues, result_backend=app.backend)
         for queue in queues:
             try:
                 from shared.routing import parse_queue_name

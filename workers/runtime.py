@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import redis as redis_lib
 
-from shared.errors import FleetError, InvalidInputError, JobCancelledError, ModelNotFoundError, as_fleet_error
+from shared.errors import (DeadlineExceededError, FleetError, InvalidInputError, JobCancelledError,
+                           ModelNotFoundError, as_fleet_error)
 from shared.jobs import JobRecorder
 from shared.keys import WORKER_HEARTBEAT_INTERVAL_S, Keys
 from shared.schemas import (BatchItemResult, BatchPredictJob, BatchPredictResult, JobErrorBody, LoadJob,
@@ -25,6 +26,7 @@ from shared.stats import JobOutcome, StatsWriter
 from shared import store_layout
 from workers.adapters import create_adapter
 from workers.adapters.base import ServingAdapter
+from workers.results import CeleryResultEncoder, FinishedJob, OutcomeWriter
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -34,7 +36,8 @@ class WorkerRuntime:
     """The per-process core under the Celery tasks."""
 
     def __init__(self, settings: FleetSettings, worker_id: str, *, queues: Sequence[str] = (),
-                 redis: Any = None, adapters: dict[tuple[str, str], ServingAdapter] | None = None) -> None:
+                 redis: Any = None, adapters: dict[tuple[str, str], ServingAdapter] | None = None,
+                 result_backend: Any = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.queues = list(queues)
@@ -43,6 +46,9 @@ class WorkerRuntime:
         self.keys = Keys(settings.redis_key_prefix)
         self.stats = StatsWriter(self.redis, self.keys, worker_id)
         self.jobs = JobRecorder(self.redis, self.keys, settings.result_ttl_seconds)
+        self.outcomes = OutcomeWriter(self.redis, self.jobs, self.stats,
+                                      CeleryResultEncoder(result_backend) if result_backend is not None else None,
+                                      settings.result_ttl_seconds)
         self._adapters: dict[tuple[str, str], ServingAdapter] = dict(adapters or {})
         self._lock = threading.RLock()
         self._reported: dict[str, int] = {}
@@ -52,7 +58,7 @@ class WorkerRuntime:
         if settings.batch.enabled:
             from workers.batching import DynamicBatcher
 
-            self.batcher = DynamicBatcher(lambda jobs: self.predict_many(jobs)[0],
+            self.batcher = DynamicBatcher(self.serve,
                                           settings.batch.max_batch_size, settings.batch.max_batch_delay_ms / 1000)
 
     # -- adapters --------------------------------------------------------------------------------------------
@@ -94,11 +100,8 @@ class WorkerRuntime:
         self.publish_state()
         return UnloadResult(model_id=job.model_id, unloaded=unloaded)
 
-    def predict_many(self, jobs: Sequence[PredictJob]) -> tuple[list[PredictionResult | FleetError], float]:
-        """Run predict jobs, batching those of one model into shared forwards. Returns (outcomes, load ms).
-
-        Stats for every job are written in one Redis round trip at the end.
-        """
+    def _run_predictions(self, jobs: Sequence[PredictJob]) -> tuple[list[PredictionResult | FleetError], float]:
+        """Run predict jobs, batching those of one model into shared forwards. Returns (outcomes, load ms)."""
         outcomes: list[PredictionResult | FleetError | None] = [None] * len(jobs)
         groups: dict[tuple[str, str, str, str | None], list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -124,11 +127,46 @@ class WorkerRuntime:
                     results = [as_fleet_error(exc)] * len(chunk)
                 for i, res in zip(chunk, results):
                     outcomes[i] = res
-        final = [o if o is not None else ModelNotFoundError("no outcome") for o in outcomes]
+        return [o if o is not None else ModelNotFoundError("no outcome") for o in outcomes], load_ms
+
+    def predict_many(self, jobs: Sequence[PredictJob]) -> tuple[list[PredictionResult | FleetError], float]:
+        """Run predict jobs (no job records); their stats go to Redis in one round trip."""
+        final, load_ms = self._run_predictions(jobs)
         self.flush([JobOutcome(j.model_id, not isinstance(o, FleetError),
                                0.0 if isinstance(o, FleetError) else o.inference_time_ms)
                     for j, o in zip(jobs, final)])
         return final, load_ms
+
+    def serve(self, items: Sequence[tuple[str, PredictJob]]) -> list[PredictionResult | FleetError]:
+        """Serve predict jobs end to end: two Redis round trips for the whole batch.
+
+        The first marks every job running (and reads cancellations); the second stores every result, final
+        record, event and the stats. Cancelled and expired jobs fail with their typed error without running.
+        """
+        started = time.time()
+        cancelled = self.outcomes.begin([job_id for job_id, _ in items], self.worker_id, started)
+        outcomes: list[PredictionResult | FleetError | None] = [None] * len(items)
+        runnable = []
+        for k, ((job_id, job), was_cancelled) in enumerate(zip(items, cancelled)):
+            if was_cancelled:
+                outcomes[k] = JobCancelledError(f"job {job_id} was cancelled before it started")
+            elif job.deadline_passed(started):
+                outcomes[k] = DeadlineExceededError(f"job {job_id} waited past its deadline of {job.deadline_s} s")
+            else:
+                runnable.append(k)
+        results, load_ms = self._run_predictions([items[k][1] for k in runnable])
+        for k, res in zip(runnable, results):
+            outcomes[k] = res
+        final = [o if o is not None else ModelNotFoundError("no outcome") for o in outcomes]
+        with self._lock:
+            deltas = self._cache_deltas()
+        self.outcomes.finish([FinishedJob(job_id, job.model_id, out, load_ms)
+                              for (job_id, job), out in zip(items, final)], deltas)
+        return final
+
+    def reject(self, job_id: str, error: FleetError) -> None:
+        """Store the failure of a job whose payload could not even be read (no model, no stats)."""
+        self.outcomes.finish([FinishedJob(job_id, None, error)], {})
 
     def predict(self, job: PredictJob) -> tuple[PredictionResult, float]:
         (outcome,), load_ms = self.predict_many([job])

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import tasks as names
 from shared.celery_app import app
-from shared.errors import (DeadlineExceededError, FleetError, InvalidInputError, JobCancelledError,
-                           as_fleet_error)
+from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
 from workers.process import get_runtime
 from workers.runtime import WorkerRuntime
@@ -44,16 +43,9 @@ def run_job(task: Task, schema: type[BaseModel], raw: Any, handler: Handler) -> 
     job_id = task.request.id
     outcome: dict[str, Any] = {"ok": False, "load_ms": 0.0, "inference_ms": 0.0, "error": None}
     try:
-        if not isinstance(raw, dict):
-            raise InvalidInputError("the task takes one keyword argument 'job': a JSON object", field="job")
-        try:
-            payload = schema.model_validate(raw)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
+        payload = _parse(schema, raw)
         if runtime.jobs.is_cancelled(job_id):
             raise JobCancelledError(f"job {job_id} was cancelled before it started")
-        if isinstance(payload, PredictJob) and payload.deadline_passed():
-            raise DeadlineExceededError(f"job {job_id} waited past its deadline of {payload.deadline_s} s")
         total = len(payload.requests) if isinstance(payload, BatchPredictJob) else None
         runtime.jobs.running(job_id, runtime.worker_id, time.time(), total=total)
         result, load_ms, inference_ms = handler(task, runtime, payload)
@@ -90,13 +82,6 @@ def _load(task: Task, runtime: WorkerRuntime, job: LoadJob) -> tuple[BaseModel, 
     return info, load_ms, 0.0
 
 
-def _predict(task: Task, runtime: WorkerRuntime, job: PredictJob) -> tuple[BaseModel, float, float]:
-    if runtime.batcher is not None:
-        result = runtime.batcher.predict(job)
-        return result, 0.0, result.inference_time_ms
-    result, load_ms = runtime.predict(job)
-    return result, load_ms, result.inference_time_ms
-
 
 def _batch_predict(task: Task, runtime: WorkerRuntime, job: BatchPredictJob) -> tuple[BaseModel, float, float]:
     job_id = task.request.id
@@ -121,13 +106,39 @@ def load(self: Task, job: Any = None) -> dict[str, Any]:
     return run_job(self, LoadJob, job, _load)
 
 
-@app.task(name=names.PREDICT, **_options)
+def _parse(schema: type[BaseModel], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise InvalidInputError("the task takes one keyword argument 'job': a JSON object", field="job")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _serve_prediction(task: Task, raw: Any) -> dict[str, Any]:
+    runtime = get_runtime()
+    job_id = task.request.id
+    try:
+        job = _parse(PredictJob, raw)
+    except FleetError as err:
+        runtime.reject(job_id, err)
+        raise
+    item = (job_id, job)
+    outcome = runtime.batcher.submit(item).result() if runtime.batcher else runtime.serve([item])[0]
+    if isinstance(outcome, FleetError):
+        raise outcome  # already stored; raising makes Celery report the failure (events, Flower)
+    return {"job_id": job_id, "status": "succeeded"}
+
+
+# NOTE: the predict path stores its own result (workers.results: result, record and stats of a whole batch in one
+# Redis round trip), hence ignore_result; the return value is a summary for events and Flower.
+@app.task(name=names.PREDICT, ignore_result=True, **_options)
 def predict(self: Task, job: Any = None) -> dict[str, Any]:
     batcher = get_runtime().batcher
     if batcher is None:
-        return run_job(self, PredictJob, job, _predict)
+        return _serve_prediction(self, job)
     with batcher.arriving():  # lets the batcher know one more job is on its way
-        return run_job(self, PredictJob, job, _predict)
+        return _serve_prediction(self, job)
 
 
 @app.task(name=names.BATCH_PREDICT, **_options)

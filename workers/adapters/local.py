@@ -70,6 +70,14 @@ class LocalTorchAdapter(ServingAdapter):
     def _materialize(self, artifacts: LoadedArtifacts) -> tuple[Any, Forward]:
         """Turn stored artefacts into (handle, forward) on ``self.torch_device``."""
 
+    def _size_bytes(self, handle: Any, artifacts: LoadedArtifacts) -> int:
+        """Bytes the cache charges for a model: by default the real parameter and buffer bytes of ``handle``."""
+        return model_bytes(handle)
+
+    def _load_metadata(self, handle: Any) -> dict[str, Any]:
+        """Extra ``ModelInfo.metadata`` of a freshly materialised model (a compile report, a server's view)."""
+        return {}
+
     def _release(self, entry: LoadedModel) -> None:
         """Free what ``_materialize`` took (device memory is returned by dropping references)."""
         entry.handle = None
@@ -96,13 +104,13 @@ class LocalTorchAdapter(ServingAdapter):
             raise
         except Exception as exc:  # a corrupt or incompatible artefact must fail the job, not the worker
             raise ModelLoadError(f"could not load {model_id}: {type(exc).__name__}: {exc}") from exc
-        size = model_bytes(handle)
+        size = self._size_bytes(handle, artifacts)
         info = ModelInfo(
             model_id=model_id, symbol=symbol, timeframe=TimeFrame(timeframe), model_type=ModelType(model_type),
             model_path=str(artifacts.path), is_loaded=True, loaded_at=time.time(),
             memory_usage_mb=round(size / 2**20, 4), version=artifacts.version,
             metadata={"adapter": self.name, "device": str(self.torch_device), "config": artifacts.config,
-                      "heldout": artifacts.meta.get("heldout", {})},
+                      "heldout": artifacts.meta.get("heldout", {}), **self._load_metadata(handle)},
         )
         self.cache.put(model_id, LoadedModel(info, forward, artifacts.config, artifacts.meta, size, handle))
         return info
