@@ -27,7 +27,7 @@ def state_dir() -> Path:
 
 
 def _section(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore")
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", use_attribute_docstrings=True)
 
 
 class SimpleSettings(BaseSettings):
@@ -59,7 +59,9 @@ class TorchScriptSettings(BaseSettings):
     compile_mode: Literal["trace", "script"] = "trace"
     """``trace`` runs a real example input built from the model's config; ``script`` compiles the source."""
     max_models_in_memory: int = Field(5, ge=1)
+    """LRU bound of the TorchScript adapter's per-process cache."""
     model_timeout_seconds: float = Field(3600, gt=0)
+    """Idle TTL of the TorchScript adapter's per-process cache."""
 
 
 class TritonSettings(BaseSettings):
@@ -72,15 +74,21 @@ class TritonSettings(BaseSettings):
     server_grpc_url: str = "127.0.0.1:8001"
     """gRPC endpoint (host:port) of the Triton server."""
     use_grpc: bool = False
+    """Talk to Triton over gRPC instead of HTTP."""
     ssl: bool = False
+    """Use TLS to reach the server."""
     insecure: bool = False
     """With SSL: skip certificate verification (test servers only)."""
     model_repository: Path = Field(default_factory=lambda: state_dir() / "triton-repository")
     """Repository the adapter writes models into; the server must see the same directory."""
     backend: Literal["python", "pytorch_libtorch"] = "python"
+    """Triton backend of generated models: ``python`` (runs TorchScript in a Python model) or ``pytorch_libtorch``."""
     default_model_version: int = Field(1, ge=1)
+    """Version directory written into the repository."""
     max_batch_size: int = Field(32, ge=1)
+    """``max_batch_size`` of generated configs (and rows per infer call)."""
     max_queue_delay_us: int = Field(2000, ge=0)
+    """Triton dynamic batching: how long the server waits to fill a batch."""
     timeout_seconds: float = Field(10.0, gt=0)
     """Network timeout for every call to the server; a dead server fails jobs within it."""
     load_timeout_seconds: float = Field(120.0, gt=0)
@@ -97,11 +105,17 @@ class TorchServeSettings(BaseSettings):
     model_config = _section("TORCHSERVE_")
 
     inference_url: str = "http://127.0.0.1:8080"
+    """TorchServe inference API (the benchmark's TorchServe system uses these settings)."""
     management_url: str = "http://127.0.0.1:8081"
+    """TorchServe management API."""
     batch_size: int = Field(16, ge=1)
+    """Server-side batch size when registering a model."""
     max_batch_delay_ms: int = Field(10, ge=0)
+    """Server-side batching delay when registering a model."""
     initial_workers: int = Field(1, ge=1)
+    """Workers TorchServe starts per model."""
     timeout_seconds: float = Field(10.0, gt=0)
+    """Network timeout for every call to TorchServe."""
 
 
 class BatchSettings(BaseSettings):
@@ -110,6 +124,7 @@ class BatchSettings(BaseSettings):
     model_config = _section("BATCH_")
 
     enabled: bool = False
+    """Batch predict jobs of the same model inside each worker (the worker then runs Celery's thread pool)."""
     max_batch_size: int = Field(32, ge=1)
     """At most this many rows go through one forward."""
     max_batch_delay_ms: float = Field(2.0, ge=0)
@@ -119,7 +134,7 @@ class BatchSettings(BaseSettings):
 class FleetSettings(BaseSettings):
     """Top-level settings of a fleet process (API, worker, CLI)."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", use_attribute_docstrings=True)
 
     serving_adapter_type: AdapterName = "simple"
     """Adapter used when a job does not name one; also the adapter a worker pool serves by default."""
@@ -138,8 +153,11 @@ class FleetSettings(BaseSettings):
     worker_torch_threads: int = Field(0, ge=0)
     """Torch intra-op threads per worker process; 0 means cores // processes (never oversubscribe)."""
     log_level: str = "INFO"
+    """Log level of every fleet process (DEBUG, INFO, WARNING, ERROR)."""
     enable_metrics: bool = True
+    """Serve Prometheus metrics on the API's ``/metrics``."""
     enable_health_checks: bool = True
+    """Serve ``/healthz`` and ``/readyz`` on the API."""
     api_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Bodies larger than this are refused with 413."""
     api_url: str = "http://127.0.0.1:8000"
@@ -152,6 +170,25 @@ class FleetSettings(BaseSettings):
     triton: TritonSettings = Field(default_factory=TritonSettings)
     torchserve: TorchServeSettings = Field(default_factory=TorchServeSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """Every environment variable with its default and meaning (the README's configuration table)."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type[BaseSettings], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseSettings):
+                walk(annotation, str(annotation.model_config.get("env_prefix", "")))
+                continue
+            default = field.default_factory() if field.default_factory else field.default
+            if isinstance(default, Path) and str(default).startswith(str(Path.home())):
+                default = "~" + str(default)[len(str(Path.home())):]
+            rows.append(((prefix + name).upper(), str(default), (field.description or "").replace("\n", " ")))
+
+    walk(FleetSettings, "")
+    return rows
 
 
 @lru_cache(maxsize=1)
