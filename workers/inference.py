@@ -55,7 +55,10 @@ def prepare_series(series: np.ndarray, config: dict[str, Any]) -> PreparedSeries
         InvalidInputError: not 2-D, wrong channel count, too short, or holding NaN / infinity.
     """
     length, channels = int(config["context_length"]), int(config["n_channels"])
-    arr = np.asarray(series, dtype=np.float64)
+    try:
+        arr = np.asarray(series, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError("series must be a rectangular array of numbers", field="inputs.series") from None
     if arr.ndim != 2:
         raise InvalidInputError(f"series must be 2-D (time x channels), got {arr.ndim}-D", field="inputs.series")
     if arr.shape[1] != channels:

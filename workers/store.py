@@ -56,6 +56,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _next_version(base: Path) -> int:
+    """One more than any numbered directory, complete or not (a broken one must not be written into)."""
+    return max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0) + 1
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -98,7 +103,7 @@ class ModelStore:
                          "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "weights_sha256": file_sha256(weights)}
             while True:
-                version = str(int(self.latest_version(key) or 0) + 1)
+                version = str(_next_version(base))
                 _write_json(tmp / store_layout.META_FILE, {**full_meta, "version": version})
                 target = base / version
                 try:

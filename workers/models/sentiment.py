@@ -81,9 +81,9 @@ class SentimentClassifier(nn.Module):
         self.n_buckets = config.n_buckets
         self.words = nn.Embedding(len(config.vocab) + 2, config.embed_dim, padding_idx=PAD_ID)
         self.bigrams = nn.Embedding(config.n_buckets, config.embed_dim, padding_idx=0)
-        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.embed_dim, config.hidden_dim),
-                                        nn.ReLU(), nn.Dropout(config.dropout),
-                                        nn.Linear(config.hidden_dim, len(config.labels)))
+        self.classifier = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(2 * config.embed_dim, config.hidden_dim), nn.ReLU(),
+            nn.Dropout(config.dropout), nn.Linear(config.hidden_dim, len(config.labels)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids > 0  # PAD_ID (a literal: TorchScript cannot read module globals)

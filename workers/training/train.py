@@ -25,11 +25,12 @@ from shared.schemas import ModelKey, ModelType, TimeFrame
 from workers.inference import normalise_windows
 from workers.models.registry import CONFIG_CLASSES, build_model, validate_config
 from workers.models.sentiment import LABELS, encode
+from workers.store import ModelStore
 from workers.training.headlines import Headline, build_vocab, load_headlines, stratified_split
 from workers.training.synthetic import generate_bars
 
 Progress = Callable[[str, int, int], None]
-#: Optimiser steps per forecaster: about 3 s each on 2 CPU cores, and all of them clearly beat naive by then.
+#: Optimiser steps per forecaster: 3-5 s each on one CPU thread, and every one clearly beats naive by then.
 DEFAULT_STEPS: dict[ModelType, int] = {
     ModelType.PATCHTST: 150, ModelType.PATCHTSMIXER: 200, ModelType.ENHANCED_TRANSFORMER: 100,
 }
@@ -50,7 +51,8 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _windows(series: np.ndarray, starts: np.ndarray, length: int, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(series: np.ndarray, starts: np.ndarray, length: int,
+             horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised ``(x [N, L, C], y [N, H, C])`` of the windows starting at ``starts``."""
     idx = starts[:, None] + np.arange(length + horizon)[None, :]
     windows = series[idx]
@@ -91,14 +93,14 @@ def train_forecaster(model_type: ModelType | str, series: np.ndarray, config: di
         ValueError: the series does not fit the config or is too short for it and the held-out split.
         TrainingError: ``check`` is on and the held-out MAE is not below the naive forecast's.
     """
-    typed = validate_config(model_type, config)
+    fields = validate_config(model_type, config).model_dump()
     steps = steps or DEFAULT_STEPS[ModelType(model_type)]
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    length, horizon = typed.context_length, typed.prediction_length  # type: ignore[attr-defined]
+    length, horizon = fields["context_length"], fields["prediction_length"]
     series = np.asarray(series, dtype=np.float64)
-    if series.ndim != 2 or series.shape[1] != typed.n_channels:  # type: ignore[attr-defined]
-        raise ValueError(f"series must be [T, {typed.n_channels}], got {list(series.shape)}")  # type: ignore[attr-defined]
+    if series.ndim != 2 or series.shape[1] != fields["n_channels"]:
+        raise ValueError(f"series must be [T, {fields['n_channels']}], got {list(series.shape)}")
     split = int(len(series) * (1 - heldout_fraction))
     train_starts = np.arange(0, split - length - horizon + 1)
     held_starts = np.arange(max(0, split - length), len(series) - length - horizon + 1)
@@ -110,7 +112,7 @@ def train_forecaster(model_type: ModelType | str, series: np.ndarray, config: di
     started = time.perf_counter()
     with _threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_type, typed.model_dump()).train()
+        model = build_model(model_type, fields).train()
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(_warmup_cosine, steps=steps))
         for _ in range(steps):
@@ -178,23 +180,29 @@ def train_sentiment(rows: list[Headline] | None = None, config: dict[str, Any] |
                             f"{majority_accuracy:.3f}")
     meta = {"model_type": ModelType.SENTIMENT.value, "seed": seed,
             "train_seconds": round(time.perf_counter() - started, 3),
-            "training_range": {"dataset": "headlines.jsonl", "n_train": len(train_rows), "n_heldout": len(held_rows)},
-            "heldout": {"accuracy": accuracy, "majority_accuracy": majority_accuracy, "n_examples": len(held_rows),
-                        "majority_label": LABELS[majority]},
-            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "final_loss": float(loss.detach())}}
+            "training_range": {"dataset": "headlines.jsonl", "n_train": len(train_rows),
+                               "n_heldout": len(held_rows)},
+            "heldout": {"accuracy": accuracy, "majority_accuracy": majority_accuracy,
+                        "n_examples": len(held_rows), "majority_label": LABELS[majority]},
+            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                         "final_loss": float(loss.detach())}}
     return model, typed, meta
 
 
-def create_models(store: Any, symbols: list[str], timeframes: list[TimeFrame | str], types: list[ModelType | str],
-                  seed: int = 0, progress: Progress | None = None, *, n_bars: int = 3000,
-                  threads: int | None = None, steps: int | None = None,
+def create_models(store: ModelStore, symbols: list[str], timeframes: list[TimeFrame | str],
+                  types: list[ModelType | str], seed: int = 0, progress: Progress | None = None, *, n_bars: int = 3000,
+                  threads: int | None = 1, steps: int | None = None,
                   configs: dict[ModelType, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Train and save one model per (symbol, timeframe, type) into ``store`` (a :class:`ModelStore`).
+    """Train and save one model per (symbol, timeframe, type) into ``store``.
 
     Forecasters train on each symbol's own synthetic bars; sentiment models share one training on the
     headlines (the data does not depend on the symbol), saved under each symbol's id. ``progress`` is called
     as ``progress(model_id, done, total)`` before each model starts and once more when all are done.
     ``steps`` and ``configs`` (config fields by model type, over the defaults) exist for tests and tuning.
+
+    NOTE: one torch thread by default. These models are too small to gain much from more (on 2 cores, one
+    thread trains as fast as two), and OpenMP threads that spin-wait slow down up to tenfold as soon as another
+    process (a worker, a test) takes a core. ``None`` leaves torch's setting alone.
 
     Returns:
         One summary per model: ``model_id``, ``version``, ``path``, ``heldout`` metrics, ``train_seconds``.
