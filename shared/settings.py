@@ -84,7 +84,7 @@ class TritonSettings(BaseSettings):
     backend: Literal["python", "pytorch_libtorch"] = "python"
     """Triton backend of generated models: ``python`` (runs TorchScript in a Python model) or ``pytorch_libtorch``."""
     default_model_version: int = Field(1, ge=1)
-    """Version directory written into the repository."""
+    """Triton version used when a store version is not numeric (store versions map to Triton versions)."""
     max_batch_size: int = Field(32, ge=1)
     """``max_batch_size`` of generated configs (and rows per infer call)."""
     max_queue_delay_us: int = Field(2000, ge=0)

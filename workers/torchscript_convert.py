@@ -91,9 +91,16 @@ class CompileReport:
         return asdict(self)
 
 
-def store_artefact_path(model_dir: Path | str, model_id: str) -> Path:
-    """Where the TorchScript adapter keeps a stored model's artefact."""
-    return Path(model_dir) / f"{model_id}{ARTEFACT_SUFFIX}"
+def store_artefact_path(model_dir: Path | str, model_id: str, device: str = "cpu") -> Path:
+    """Where the TorchScript adapter keeps a stored model's artefact.
+
+    CPU artefacts use the documented name ``<model_id>_torchscript.pt``; other devices get the device type in the
+    name (``<model_id>_torchscript.cuda.pt``), so that a CPU pool and a GPU pool sharing a store do not
+    overwrite each other's artefact (frozen modules are device-specific).
+    """
+    kind = str(device).split(":", 1)[0]
+    suffix = ARTEFACT_SUFFIX if kind == "cpu" else ARTEFACT_SUFFIX.replace(".pt", f".{kind}.pt")
+    return Path(model_dir) / f"{model_id}{suffix}"
 
 
 def model_id_of(artifacts: LoadedArtifacts) -> str:

@@ -54,7 +54,7 @@ class TorchScriptServingAdapter(LocalTorchAdapter):
 
     def _materialize(self, artifacts: LoadedArtifacts) -> tuple[Any, Forward]:
         model_id = model_id_of(artifacts)
-        artefact = store_artefact_path(artifacts.path, model_id)
+        artefact = store_artefact_path(artifacts.path, model_id, str(self.torch_device))
         module, report = ensure_torchscript(artifacts, model_id, artefact, self.options)
         device = self.torch_device
 

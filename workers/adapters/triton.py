@@ -19,6 +19,7 @@ does not take is an :class:`~shared.errors.InvalidInputError`.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
 import threading
@@ -61,16 +62,26 @@ def map_error(exc: BaseException, what: str, url: str) -> FleetError:
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status() or ""), str(exc.message() or exc)
         low = message.lower()
-        if status in _UNAVAILABLE_STATUS or any(t in low for t in _UNAVAILABLE_TEXT):
-            return AdapterUnavailableError(f"Triton at {url} is unreachable ({what}): {message}")
+        # NOTE: gRPC reports a model that is not ready as UNAVAILABLE too: the message tells them apart.
         if any(t in low for t in _MISSING_TEXT):
             return ModelNotFoundError(f"Triton has no ready model for {what}: {message}")
+        if status in _UNAVAILABLE_STATUS or any(t in low for t in _UNAVAILABLE_TEXT):
+            return AdapterUnavailableError(f"Triton at {url} is unreachable ({what}): {message}")
         if any(t in low for t in _SHAPE_TEXT):
             return InvalidInputError(f"Triton refused the input ({what}): {message}", field="inputs")
         return PredictionError(f"Triton failed ({what}): {message}")
-    if isinstance(exc, (OSError, TimeoutError, socket.timeout, ConnectionError)) or _is_gevent_timeout(exc):
+    # OSError covers refused and reset connections and socket timeouts; HTTPException a connection the server
+    # closed mid-response (geventhttpclient's HTTPConnectionClosed).
+    if isinstance(exc, (OSError, http.client.HTTPException)) or _is_gevent_timeout(exc):
         return AdapterUnavailableError(f"Triton at {url} is unreachable ({what}): {type(exc).__name__}: {exc}")
     return PredictionError(f"Triton call failed ({what}): {type(exc).__name__}: {exc}")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, socket.timeout)) or _is_gevent_timeout(exc):
+        return True
+    status = getattr(exc, "status", None)
+    return callable(status) and str(status()) == "StatusCode.DEADLINE_EXCEEDED"
 
 
 def _is_gevent_timeout(exc: BaseException) -> bool:
@@ -111,17 +122,25 @@ class TritonConnection:
         return client
 
     def call(self, what: str, method: str, *args: Any, long: bool = False, **kwargs: Any) -> Any:
-        client = self._client(long)
+        """``client.<method>(*args, **kwargs)`` within the timeout; failures raised as fleet errors."""
         if self.grpc:
             kwargs["client_timeout"] = self.settings.load_timeout_seconds if long else self.settings.timeout_seconds
-        try:
-            return getattr(client, method)(*args, **kwargs)
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and not _is_gevent_timeout(exc):
-                raise  # KeyboardInterrupt, SystemExit
-            if not self.grpc:
-                self._drop(long)  # a client that timed out may hold a half-read response: start afresh
-            raise map_error(exc, what, self.url) from None
+        for attempt in (1, 2):
+            try:
+                return getattr(self._client(long), method)(*args, **kwargs)
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and not _is_gevent_timeout(exc):
+                    raise  # KeyboardInterrupt, SystemExit
+                err = map_error(exc, what, self.url)
+                if not isinstance(err, AdapterUnavailableError):
+                    raise err from None
+                # NOTE: start afresh: an HTTP keep-alive connection or a gRPC channel may be stale (the server
+                # restarted; a failed channel backs off for up to minutes). One retry on a fresh connection,
+                # except after a timeout: that call had its whole budget already.
+                self._drop(long)
+                if attempt == 2 or _is_timeout(exc):
+                    raise err from None
+        raise AssertionError("unreachable")
 
     def _drop(self, long: bool) -> None:
         attr = "long" if long and not self.grpc else "short"
@@ -332,6 +351,13 @@ class TritonServingAdapter(LocalTorchAdapter):
         return {**out, "healthy": live and ready, "live": live, "ready": ready}
 
     def close(self) -> None:
+        """Forget this process's models and close its connections, leaving the models loaded on the server.
+
+        NOTE: the server is shared by every process of the pool: a process that exits (a restart, a scale-down)
+        must not unload what the others are serving. Unload jobs and cache evictions do unload.
+        """
+        with self._current_lock:
+            self._current.clear()  # so that the cache's release callbacks leave the server alone
         try:
             super().close()
         finally:

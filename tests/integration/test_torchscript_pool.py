@@ -1,0 +1,88 @@
+"""A real ``fleet worker --adapter torchscript`` pool: compile once, reuse the artefact, agree with eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import tasks
+from shared.schemas import ModelKey
+from shared.settings import FleetSettings
+from workers import inference
+from workers.adapters.simple import SimpleServingAdapter
+from workers.store import ModelStore
+from workers.torchscript_convert import ATOL, RTOL, sidecar_path, store_artefact_path
+from workers.training.synthetic import generate_bars
+
+TIMEOUT = 120
+TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
+TEXTS = ["Shares plunge after profit warning", "Company beats estimates, raises guidance"]
+
+
+def send(producer, name: str, job: dict):
+    return producer.send_task(name, kwargs={"job": job})
+
+
+def inputs_for(mtype: str) -> tuple[dict, object]:
+    if mtype == "sentiment":
+        return {"texts": TEXTS}, TEXTS
+    series = generate_bars("MSFT", "1h", n_bars=700, seed=321).values[-200:]
+    return {"series": series.tolist()}, series
+
+
+def assert_same_prediction(got: dict, want, mtype: str, config: dict, data) -> None:
+    """Forecasts within ``(ATOL + RTOL * |z|) * std`` per channel after de-normalisation; probabilities within ATOL."""
+    got_arr, want_arr = np.asarray(got["predictions"]), np.asarray(want.predictions)
+    assert got_arr.shape == want_arr.shape
+    if mtype == "sentiment":
+        np.testing.assert_allclose(got_arr, want_arr, rtol=0, atol=ATOL)
+        assert got["labels"] == want.labels
+        return
+    prepared = inference.prepare_series(np.asarray(data), config)
+    z = np.abs((want_arr - prepared.mean) / prepared.std)
+    assert (np.abs(got_arr - want_arr) <= (ATOL + RTOL * z) * prepared.std + 1e-9).all()
+
+
+@pytest.fixture()
+def clean_artefacts(model_store) -> None:
+    """Start from no artefacts: another test of the session may have compiled these models already."""
+    store = ModelStore(model_store)
+    for version_dir in store.root.glob("MSFT/1h/*/*"):
+        for artefact in version_dir.glob("*_torchscript.pt"):
+            artefact.unlink()
+            sidecar_path(artefact).unlink(missing_ok=True)
+
+
+def test_torchscript_pool_compiles_once_then_reuses(clean_artefacts, start_worker, producer,
+                                                    fleet_settings: FleetSettings) -> None:
+    worker = start_worker(adapter="torchscript", concurrency=1)
+    simple = SimpleServingAdapter(fleet_settings)
+    store = ModelStore(fleet_settings.model_store_dir)
+    key = {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtst", "adapter": "torchscript"}
+
+    first = send(producer, tasks.LOAD, key).get(timeout=TIMEOUT)
+    compiled = first["metadata"]["torchscript"]
+    assert first["metadata"]["adapter"] == "torchscript" and first["is_loaded"]
+    assert compiled["reused"] is False and compiled["saved"] is True and compiled["compile_ms"] > 0
+    artefact = store_artefact_path(first["model_path"], "MSFT_1h_patchtst")
+    assert compiled["path"] == str(artefact) and artefact.is_file() and sidecar_path(artefact).is_file()
+
+    assert send(producer, tasks.UNLOAD, key).get(timeout=TIMEOUT)["unloaded"] is True
+    second = send(producer, tasks.LOAD, key).get(timeout=TIMEOUT)
+    reused = second["metadata"]["torchscript"]
+    assert reused["reused"] is True and reused["source_hash"] == compiled["source_hash"]
+    assert reused["load_ms"] < compiled["compile_ms"]
+    log = worker.output()
+    assert "compiling MSFT_1h_patchtst to TorchScript" in log and "reusing TorchScript artefact" in log
+    print(f"\nTorchScript MSFT_1h_patchtst: compile {compiled['compile_ms']:.1f} ms, "
+          f"reuse (torch.jit.load) {reused['load_ms']:.1f} ms")
+
+    # Every model type, through the pool, agrees with the eager adapter on the same input.
+    for mtype in TYPES:
+        job_inputs, data = inputs_for(mtype)
+        res = send(producer, tasks.PREDICT, {**key, "model_type": mtype, "inputs": job_inputs}).get(timeout=TIMEOUT)
+        model_id = f"MSFT_1h_{mtype}"
+        info = simple.load_model(store.model_dir(ModelKey.parse(model_id)), "MSFT", "1h", mtype)
+        assert res["model_info"]["metadata"]["adapter"] == "torchscript"
+        assert_same_prediction(res, simple.predict(model_id, data), mtype, info.metadata["config"], data)
+
