@@ -1,0 +1,342 @@
+"""The deployment files stay true to the code: Dockerfile, docker-compose.yml and the Helm chart.
+
+No Docker engine or helm binary is needed: the files are parsed, every `fleet` command line in them is parsed by
+the CLI's own click commands (unknown options and bad choices fail), every environment variable is a declared
+setting, every pool's queue is a real queue, and every template is balanced. When the optional ``helm_python``
+package (Helm's Go SDK) is importable, the chart is also rendered and the rendered commands are checked the same
+way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import pytest
+import yaml
+
+from producer_api.cli import cli
+from shared.routing import queue_name
+from shared.schemas import ModelType, TimeFrame
+from shared.settings import FleetSettings, settings_table
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+CHART = ROOT / "helm" / "finsight-fleet"
+TEMPLATES = CHART / "templates"
+
+SETTINGS = {name for name, _, _ in settings_table()}
+#: Variables of other programs that the deployment files set on purpose.
+FOREIGN_ENV = {"FLOWER_BASIC_AUTH"}  # Flower reads its own options from FLOWER_*
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def parse_fleet(argv: list[str]) -> click.Context:
+    """Parse ``fleet ARGV`` with the real click commands, without running anything."""
+    command: click.Command = cli
+    args = list(argv)
+    path = ["fleet"]
+    while isinstance(command, click.Group):
+        assert args, f"`{' '.join(path)}` needs a subcommand"
+        sub = command.get_command(click.Context(command), args[0])
+        assert sub is not None, f"`{' '.join(path)}` has no subcommand {args[0]!r}"
+        path.append(args.pop(0))
+        command = sub
+    return command.make_context(" ".join(path), args)
+
+
+def option_names(*path: str) -> set[str]:
+    command: click.Command = cli
+    for name in path:
+        command = command.get_command(click.Context(command), name)  # type: ignore[union-attr]
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+_VAR = re.compile(r"\$\$|\$\{(\w+)(?::?[-?]([^}]*))?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """Compose interpolation with every variable unset: ``${X:-default}`` -> default, ``$$`` -> ``$``."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: "$" if m.group(0) == "$$" else (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+def shell_fleet_calls(script: str) -> Iterator[list[str]]:
+    """The argv of every ``fleet ...`` command in a shell script (up to the next ``;``, ``|``, ``)``...)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    for i, token in enumerate(tokens):
+        if token == "fleet":
+            argv = []
+            for t in tokens[i + 1:]:
+                if t and set(t) <= set(";|&()"):
+                    break
+                argv.append(t)
+            yield argv
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def service_fleet_calls(service: dict[str, Any]) -> list[list[str]]:
+    """The `fleet` command lines a compose service runs (its command, or the fleet calls of its sh script)."""
+    entrypoint = service.get("entrypoint")
+    command = interpolate(service.get("command"))
+    if entrypoint is None:
+        return [command] if command else []
+    assert entrypoint[-2:] == ["sh", "-c"], entrypoint
+    return list(shell_fleet_calls(command[0] if isinstance(command, list) else command))
+
+
+def values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def worker_argv(pool: dict[str, Any]) -> list[str]:
+    """What templates/workers.yaml runs for a pool (test_worker_template_args keeps the two in step)."""
+    argv = ["worker", "--adapter", pool["adapter"], "--device", pool["device"], "-c", str(pool.get("concurrency", 1))]
+    return argv + (["--batching"] if pool.get("batching") else [])
+
+
+def cpu_quantity(value: Any) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_non_root_fleet_image() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r'^ARG PIP_EXTRA_INDEX_URL=""$', text, re.M)  # empty by default: no index is named
+    assert re.search(r'^ARG EXTRAS=""$', text, re.M)
+    assert 'pip install ".${EXTRAS:+[${EXTRAS}]}"' in text and "pip install --no-deps ." in text
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and not users[-1].startswith(("root", "0")), "the image must not run as root"
+    entrypoint = json.loads(re.findall(r"^ENTRYPOINT (.+)$", text, re.M)[-1])
+    assert entrypoint[-1] == "fleet"
+    # The project's own files are what the image copies; none of them may be ignored by .dockerignore.
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for src in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+        assert src not in ignored and (ROOT / src).exists(), src
+
+
+# --- docker-compose.yml --------------------------------------------------------------------------------------
+
+
+def test_compose_services_run_real_fleet_commands() -> None:
+    services = compose()["services"]
+    assert {"redis", "models", "api", "worker", "worker-batching", "flower", "triton", "worker-triton"} <= set(services)
+    seen = set()
+    for name, service in services.items():
+        if name in ("redis", "triton"):
+            continue
+        calls = service_fleet_calls(service)
+        assert calls, f"{name} runs no fleet command"
+        for argv in calls:
+            ctx = parse_fleet(argv)
+            seen.add(ctx.info_name)
+            if ctx.info_name == "fleet models create":
+                assert all(TimeFrame(t) for t in ctx.params["timeframes"].split(","))
+                assert all(ModelType(t) for t in ctx.params["types_"].split(","))
+            if ctx.info_name == "fleet worker":
+                queue_name(ctx.params["adapter"], ctx.params["device"])
+    assert {"fleet api", "fleet worker", "fleet flower", "fleet models create", "fleet models list"} <= seen
+    assert parse_fleet(services["api"]["command"]).params["port"] == 8000
+    assert parse_fleet(services["worker-batching"]["command"]).params["batching"] is True
+
+
+def test_compose_environment_names_are_fleet_settings() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        assert isinstance(env, dict), f"{name}: environment must be a mapping"
+        unknown = set(env) - SETTINGS - FOREIGN_ENV
+        assert not unknown, f"{name} sets {sorted(unknown)}, which are not settings (shared/settings.py)"
+
+
+def test_compose_wiring() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
+    models = services["models"]
+    assert models["restart"] == "no" and "build" in models
+    for name in ("api", "worker", "worker-batching", "flower", "worker-triton"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy", name
+        assert deps["models"]["condition"] == "service_completed_successfully", name
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert any(interpolate(port).endswith("5555:5555") for port in services["flower"]["ports"])
+    assert services["worker-batching"]["profiles"] == ["batching"]
+    assert services["triton"]["profiles"] == services["worker-triton"]["profiles"] == ["triton"]
+    assert "--model-control-mode=explicit" in services["triton"]["command"]
+    # Scalable: no fixed container name or host port on a worker; a warm shutdown outlasts the longest job.
+    job_limit = FleetSettings.model_fields["job_time_limit_seconds"].default
+    for name in ("worker", "worker-batching", "worker-triton"):
+        worker = services[name]
+        assert "container_name" not in worker and "ports" not in worker, name
+        assert int(interpolate(worker["stop_grace_period"]).rstrip("s")) > job_limit, name
+        assert "WORKER_TORCH_THREADS" in worker["environment"], name
+    # Every service that uses the model store mounts it where MODEL_STORE_DIR says.
+    for name, service in services.items():
+        env = interpolate(service.get("environment") or {})
+        if "MODEL_STORE_DIR" in env and name != "flower":
+            mounts = [str(v).split(":")[1] for v in service.get("volumes", [])]
+            assert env["MODEL_STORE_DIR"] in mounts, name
+
+
+def test_deploy_files_name_no_registry_host() -> None:
+    """Images are named without a registry host, and URLs only point at local or in-cluster services."""
+    for image in [interpolate(s["image"]) for s in compose()["services"].values()] + ["finsight-fleet"]:
+        first = image.split("/")[0]
+        assert "/" not in image or ("." not in first and ":" not in first), image
+    allowed = {"127.0.0.1", "localhost", "redis", "triton"}
+    files = [DOCKERFILE, COMPOSE, ROOT / ".dockerignore", *CHART.rglob("*")]
+    for path in filter(Path.is_file, files):
+        for line in path.read_text().splitlines():
+            code = line.split("#", 1)[0]
+            for host in re.findall(r"\w+://([^/:\s\"'{}]+)", code):
+                assert host in allowed or "%s" in code, f"{path.name}: {line.strip()}"
+
+
+# --- Helm chart ----------------------------------------------------------------------------------------------
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == CHART.name and chart["type"] == "application"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"]) and chart["appVersion"]
+
+
+def test_values_pools_name_real_queues_and_commands() -> None:
+    pools = values()["pools"]
+    names = [pool["name"] for pool in pools]
+    assert len(names) == len(set(names)) and all(DNS_1035.match(n) and len(n) <= 40 for n in names), names
+    assert any(pool.get("enabled", True) for pool in pools)
+    for pool in pools:
+        queue_name(pool["adapter"], pool["device"])  # raises for an unknown adapter or device
+        params = parse_fleet(worker_argv(pool)).params
+        assert (params["adapter"], params["device"]) == (pool["adapter"], pool["device"])
+        threads, concurrency = int(pool.get("torchThreads", 1)), int(pool.get("concurrency", 1))
+        cpu_limit = pool.get("resources", {}).get("limits", {}).get("cpu")
+        if cpu_limit is not None and not pool.get("batching"):  # batching: threads share one torch thread
+            assert concurrency * threads <= cpu_quantity(cpu_limit), f"{pool['name']} oversubscribes its CPUs"
+        if pool["device"] == "cuda":
+            assert "nvidia.com/gpu" in pool["resources"]["limits"], pool["name"]
+        scaling = pool.get("autoscaling") or {}
+        if scaling:
+            assert scaling["minReplicas"] <= scaling["maxReplicas"], pool["name"]
+
+
+def test_values_environment_names_are_fleet_settings() -> None:
+    v = values()
+    maps = {"config": v["config"], "api.env": v["api"]["env"], "flower.env": v["flower"]["env"]}
+    maps.update({f"pools[{p['name']}].env": p.get("env") or {} for p in v["pools"]})
+    for where, env in maps.items():
+        unknown = set(env) - SETTINGS
+        assert not unknown, f"{where} sets {sorted(unknown)}, which are not settings (shared/settings.py)"
+    models = v["modelsInit"]
+    assert all(TimeFrame(t) for t in models["timeframes"].split(","))
+    assert all(ModelType(t) for t in models["types"].split(","))
+
+
+def _actions(text: str) -> list[str]:
+    return re.findall(r"\{\{-?\s*(.*?)\s*-?\}\}", text, flags=re.S)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in TEMPLATES.iterdir()), ids=str)
+def test_template_is_balanced(path: str) -> None:
+    text = (TEMPLATES / path).read_text()
+    assert text.count("{{") == text.count("}}"), "unbalanced {{ }}"
+    depth = 0
+    for piece in re.split(r"(\{\{|\}\})", text):
+        depth += {"{{": 1, "}}": -1}.get(piece, 0)
+        assert depth in (0, 1), "nested or unopened {{ }}"
+    blocks = 0
+    for action in _actions(text):
+        if action.startswith("/*"):
+            assert action.endswith("*/"), action
+            continue
+        word = action.split(None, 1)[0] if action else ""
+        blocks += 1 if word in ("if", "range", "with", "define", "block") else -1 if word == "end" else 0
+        assert blocks >= 0, "an {{ end }} closes nothing"
+    assert blocks == 0, "an if/range/with/define is not closed"
+
+
+def test_template_environment_names_are_fleet_settings() -> None:
+    for path in TEMPLATES.glob("*.yaml"):
+        names = set(re.findall(r"-\s+name:\s+([A-Z][A-Z0-9_]+)\s*$", path.read_text(), re.M))
+        assert not names - SETTINGS - FOREIGN_ENV, f"{path.name}: {sorted(names - SETTINGS - FOREIGN_ENV)}"
+    config = (TEMPLATES / "configmap.yaml").read_text()
+    assert all(f'"{name}"' in config for name in ("MODEL_STORE_DIR", "POOLS", "REDIS_URL"))
+
+
+def test_template_commands_use_real_options() -> None:
+    # api and flower: a one-line args list; template actions stand for numbers (ports).
+    for path, expected in (("api.yaml", "fleet api"), ("flower.yaml", "fleet flower")):
+        line = re.search(r"^\s*args: (\[.*\])$", (TEMPLATES / path).read_text(), re.M).group(1)
+        assert parse_fleet(json.loads(re.sub(r"\{\{.*?\}\}", "1", line))).info_name == expected
+    # workers: the literal items of the args block are the options worker_argv() uses, in the same order.
+    text = (TEMPLATES / "workers.yaml").read_text()
+    block = text.split("args:", 1)[1].split("envFrom:", 1)[0]
+    literal = [m for m in re.findall(r"^\s*- ([^{\s]\S*)\s*$", block, re.M)]
+    assert literal == ["worker", "--adapter", "--device", "-c", "--batching"], literal
+    assert set(literal[1:]) <= option_names("worker")
+    assert [a for a in worker_argv({"adapter": "simple", "device": "cpu", "batching": True}) if a.startswith("-")] == \
+        literal[1:]
+    # models-init Job: the create command it formats, and the plain fleet calls of its script.
+    job = (TEMPLATES / "models-job.yaml").read_text()
+    create = re.search(r'printf "fleet (models create [^"]*)"', job).group(1)
+    parse_fleet(create.replace("%s", "AAPL").replace("%d", "0").split())
+    plain = [line.split("$(", 1)[-1].rstrip(")").strip() for line in job.splitlines()
+             if "fleet " in line and "{{" not in line and "printf" not in line]
+    assert plain, "the Job's script calls no fleet command"
+    for line in plain:
+        for argv in shell_fleet_calls(line[line.index("fleet"):]):
+            parse_fleet(argv)
+
+
+def test_probes_hit_real_routes() -> None:
+    from producer_api.routes.health import routes
+
+    paths = {route.path for route in routes}
+    assert {"/healthz", "/readyz"} <= paths
+    api = (TEMPLATES / "api.yaml").read_text()
+    assert set(re.findall(r"path: (/\w+)", api)) <= paths
+    assert values()["api"]["readinessPath"] in paths
+
+
+def test_chart_renders_when_helm_sdk_is_installed() -> None:
+    helm = pytest.importorskip("helm_python", reason="optional: pip install helm-python-sdk renders the chart")
+    with helm.Chart.load(str(CHART)) as chart:
+        pools = [dict(pool, enabled=True) for pool in chart.values["pools"]]
+        rendered = chart.render({"pools": pools}, name="fleet", namespace="test")
+    docs = [doc for name, text in rendered.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    workers = [d for d in docs if d["kind"] == "Deployment" and "-worker-" in d["metadata"]["name"]]
+    assert len(workers) == len(pools)
+    for deployment in workers:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        params = parse_fleet(container["args"]).params
+        queue = deployment["metadata"]["labels"]["finsight-fleet/queue"]
+        assert queue == queue_name(params["adapter"], params["device"])
+        assert not {e["name"] for e in container.get("env", [])} - SETTINGS - FOREIGN_ENV
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 600
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert set(config) <= SETTINGS
+    assert config["POOLS"].split(",") == list(dict.fromkeys(f"{p['adapter']}:{p['device']}" for p in pools))
