@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +37,23 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+async def wait_for_async(condition: Callable[[], Awaitable[Any]], timeout: float, what: str,
+                         interval: float = 0.05) -> Any:
+    """:func:`wait_for` for a coroutine condition (async tests must not block their event loop)."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = await condition()
+            if value:
+                return value
+        except Exception as exc:  # the thing may not be up yet
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last_exc})" if last_exc else ""))
 
 
 def redis_server_binary() -> str:

@@ -26,10 +26,18 @@ def _remember_node(sender: str | None = None, instance: Any = None, options: dic
     if isinstance(queues, str):
         queues = [q for q in queues.split(",") if q]
     process.node["queues"] = list(queues)
-    pool = str(options.get("pool") or "prefork")
-    concurrency = int(options.get("concurrency") or process.cpu_count())
-    # Thread and solo pools share one process: torch threads are split across the threads that run jobs.
-    process.node["processes"] = concurrency if pool in ("prefork", "processes", "threads") else 1
+    process.node["processes"] = processes_sharing_cores(options.get("pool"), options.get("concurrency"))
+
+
+def processes_sharing_cores(pool: Any, concurrency: Any) -> int:
+    """How many job runners share the cores: prefork children, or the threads of a thread pool (solo: 1).
+
+    NOTE: Celery hands ``pool`` over as the pool class (``celery.concurrency.prefork.TaskPool``), not its name.
+    """
+    name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}"
+    name = (name or "prefork").lower()
+    runners = int(concurrency or process.cpu_count())
+    return runners if any(kind in name for kind in ("prefork", "processes", "thread")) else 1
 
 
 @worker_process_init.connect

@@ -41,18 +41,22 @@ def _http(method: str, url: str, body: Any = None, timeout: float = 5) -> tuple[
 
 
 def _ensure_demo_models(store: Path) -> None:
-    from shared.store_layout import list_models
+    from shared.schemas import ModelKey
+    from shared.store_layout import versions
 
-    if list_models(store):
+    # NOTE: per model, not "is the store empty": a start-up cut short mid-training must be completed next time.
+    missing = [t for t in DEMO_TYPES for s in DEMO_SYMBOLS
+               if not versions(store, ModelKey(symbol=s, timeframe="1h", model_type=t))]
+    if not missing:
         return
     from rich.progress import Progress
 
-    from workers.store import ModelStore  # only this step needs torch, and only when the store is empty
+    from workers.store import ModelStore  # only this step needs torch, and only when demo models are missing
     from workers.training.train import create_models
 
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("Training the demo models", total=len(DEMO_SYMBOLS) * len(DEMO_TYPES))
-        create_models(ModelStore(store), DEMO_SYMBOLS, ["1h"], DEMO_TYPES,
+        task = progress.add_task("Training the demo models", total=len(DEMO_SYMBOLS) * len(missing))
+        create_models(ModelStore(store), DEMO_SYMBOLS, ["1h"], sorted(set(missing)),
                       progress=lambda _id, done, total: progress.update(task, completed=done))
     console.print(f"[green]Demo models created in {store}")
 
@@ -120,8 +124,10 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MODEL_STORE_DIR=str(settings.model_store_dir), PYTHONUNBUFFERED="1")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # NOTE: until the fleet is up, the main thread is busy (training the demo models, waiting for readiness, the
+    # demo) and would see a stop event only once that is done: a signal aborts it instead, and the finally below
+    # stops whatever was started. Afterwards a signal only sets the event, so the shutdown itself is never cut.
+    _on_signals(_abort)
 
     redis_child = None
     redis_url = settings.redis_url
@@ -151,11 +157,13 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
             _run_demo(api)
             if exit_after_demo:
                 stop.set()
+        _on_signals(lambda *_: stop.set())
         while not stop.wait(0.5):
             dead = [c.name for c in children.values() if not c.alive()]
             if dead:
                 raise click.ClickException(f"{', '.join(dead)} stopped unexpectedly; see {logs}")
     finally:
+        _on_signals(lambda *_: stop.set())
         console.print("Stopping the fleet...")
         for name, grace in (("api", 10), ("flower", 10), ("worker", 60)):
             if name in children:
@@ -163,6 +171,15 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
         if redis_child is not None:
             shutdown_redis(redis_child, redis_url)
         console.print("[green]Stopped.")
+
+
+def _abort(*_: Any) -> None:
+    raise KeyboardInterrupt  # click reports it as "Aborted!" with exit code 1
+
+
+def _on_signals(handler: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def _port_free(port: int) -> bool:

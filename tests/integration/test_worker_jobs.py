@@ -126,6 +126,14 @@ def test_pickled_message_is_refused_and_worker_keeps_serving(worker, producer) -
     assert "pickle" in worker.output().lower() or "ContentDisallowed" in worker.output()
 
 
+def test_prefork_children_split_the_cores_between_them(worker) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    expected = max(1, cores // 2)  # the fixture's worker runs two prefork children
+    assert f"{expected} torch thread(s)" in worker.output()
+
+
 def test_control_commands_answer_for_every_worker(worker, producer) -> None:
     send(producer, tasks.LOAD, {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtst"}).get(timeout=TIMEOUT)
     replies = producer.control.broadcast(tasks.CONTROL_LIST_MODELS, reply=True, timeout=5)

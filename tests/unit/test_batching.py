@@ -100,3 +100,20 @@ def test_a_failing_batch_fails_its_jobs_not_the_batcher() -> None:
         batcher.predict(job(1.0), timeout=5)
     assert batcher.predict(job(2.0), timeout=5).predictions == [[2.0]]
     batcher.close()
+
+
+def test_torch_threads_never_oversubscribe_whatever_form_the_pool_option_takes() -> None:
+    from celery.concurrency import get_implementation
+
+    from shared.settings import FleetSettings
+    from workers.process import torch_threads_for
+    from workers.signals import processes_sharing_cores
+
+    prefork, threads, solo = (get_implementation(n) for n in ("prefork", "threads", "solo"))
+    assert processes_sharing_cores(prefork, 2) == 2  # Celery passes the class, not the name
+    assert processes_sharing_cores("prefork", 2) == 2
+    assert processes_sharing_cores(threads, 32) == 32
+    assert processes_sharing_cores(solo, 1) == 1
+    settings = FleetSettings()
+    assert torch_threads_for(settings, 2) * 2 <= max(2, __import__("os").cpu_count())
+    assert torch_threads_for(settings, 32) == 1
