@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from shared import tasks
 from shared.schemas import ModelKey
 from shared.settings import FleetSettings
-from workers import inference
 from workers.adapters.simple import SimpleServingAdapter
 from workers.store import ModelStore
-from workers.torchscript_convert import ATOL, RTOL, sidecar_path, store_artefact_path
-from workers.training.synthetic import generate_bars
+from workers.torchscript_convert import sidecar_path, store_artefact_path
+from tests.integration.compare import assert_same_prediction, inputs_for
 
 TIMEOUT = 120
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
-TEXTS = ["Shares plunge after profit warning", "Company beats estimates, raises guidance"]
 
 
 def send(producer, name: str, job: dict):
     return producer.send_task(name, kwargs={"job": job})
-
-
-def inputs_for(mtype: str) -> tuple[dict, object]:
-    if mtype == "sentiment":
-        return {"texts": TEXTS}, TEXTS
-    series = generate_bars("MSFT", "1h", n_bars=700, seed=321).values[-200:]
-    return {"series": series.tolist()}, series
-
-
-def assert_same_prediction(got: dict, want, mtype: str, config: dict, data) -> None:
-    """Forecasts within ``(ATOL + RTOL * |z|) * std`` per channel after de-normalisation; probabilities within ATOL."""
-    got_arr, want_arr = np.asarray(got["predictions"]), np.asarray(want.predictions)
-    assert got_arr.shape == want_arr.shape
-    if mtype == "sentiment":
-        np.testing.assert_allclose(got_arr, want_arr, rtol=0, atol=ATOL)
-        assert got["labels"] == want.labels
-        return
-    prepared = inference.prepare_series(np.asarray(data), config)
-    z = np.abs((want_arr - prepared.mean) / prepared.std)
-    assert (np.abs(got_arr - want_arr) <= (ATOL + RTOL * z) * prepared.std + 1e-9).all()
 
 
 @pytest.fixture()
@@ -79,7 +56,7 @@ def test_torchscript_pool_compiles_once_then_reuses(clean_artefacts, start_worke
 
     # Every model type, through the pool, agrees with the eager adapter on the same input.
     for mtype in TYPES:
-        job_inputs, data = inputs_for(mtype)
+        job_inputs, data = inputs_for("MSFT", mtype, seed=321)
         res = send(producer, tasks.PREDICT, {**key, "model_type": mtype, "inputs": job_inputs}).get(timeout=TIMEOUT)
         model_id = f"MSFT_1h_{mtype}"
         info = simple.load_model(store.model_dir(ModelKey.parse(model_id)), "MSFT", "1h", mtype)

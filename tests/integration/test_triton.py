@@ -25,15 +25,12 @@ from shared.keys import WORKER_HEARTBEAT_INTERVAL_S, Keys  # noqa: E402
 from shared.errors import AdapterUnavailableError, InvalidInputError, error_from_dict  # noqa: E402
 from shared.schemas import ModelKey  # noqa: E402
 from shared.settings import FleetSettings, TritonSettings  # noqa: E402
-from workers import inference  # noqa: E402
 from workers.adapters.simple import SimpleServingAdapter  # noqa: E402
 from workers.store import ModelStore  # noqa: E402
-from workers.torchscript_convert import ATOL, RTOL  # noqa: E402
-from workers.training.synthetic import generate_bars  # noqa: E402
+from tests.integration.compare import assert_same_prediction, inputs_for  # noqa: E402
 
 TIMEOUT = 180
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
-TEXTS = ["Shares plunge after profit warning", "Company beats estimates, raises guidance"]
 #: Network timeout of the workers under test: a dead server must fail a job within it.
 CALL_TIMEOUT_S = 2.0
 
@@ -69,27 +66,6 @@ def server_client(server: TritonServer):
     return httpclient.InferenceServerClient(server.http_url, connection_timeout=5, network_timeout=30)
 
 
-def inputs_for(symbol: str, mtype: str) -> tuple[dict, object]:
-    if mtype == "sentiment":
-        return {"texts": TEXTS}, TEXTS
-    series = generate_bars(symbol, "1h", n_bars=700, seed=123).values[-200:]
-    return {"series": series.tolist()}, series
-
-
-def assert_same_prediction(got: dict, want, mtype: str, config: dict, data) -> None:
-    """The documented tolerance: forecasts within ``(ATOL + RTOL * |z|) * std`` per channel after
-    de-normalisation (z: the normalised output, std: the input window's), probabilities within ``ATOL``."""
-    got_arr, want_arr = np.asarray(got["predictions"]), np.asarray(want.predictions)
-    assert got_arr.shape == want_arr.shape
-    if mtype == "sentiment":
-        np.testing.assert_allclose(got_arr, want_arr, rtol=0, atol=ATOL)
-        assert got["labels"] == want.labels
-        return
-    prepared = inference.prepare_series(np.asarray(data), config)
-    z = np.abs((want_arr - prepared.mean) / prepared.std)
-    assert (np.abs(got_arr - want_arr) <= (ATOL + RTOL * z) * prepared.std + 1e-9).all()
-
-
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_pool_loads_predicts_and_unloads_through_triton(protocol: str, triton: TritonServer, start_worker,
                                                         producer, fleet_settings: FleetSettings) -> None:
@@ -109,14 +85,14 @@ def test_pool_loads_predicts_and_unloads_through_triton(protocol: str, triton: T
         assert client.is_model_ready(model_id, meta["model_version"])
         assert (triton.repository / model_id / "config.pbtxt").is_file()
 
-        job_inputs, data = inputs_for(symbol, mtype)
+        job_inputs, data = inputs_for(symbol, mtype, seed=123)
         res = send(producer, tasks.PREDICT, {**key, "inputs": job_inputs}).get(timeout=TIMEOUT)
         assert res["model_info"]["metadata"]["triton"]["protocol"] == protocol
         want_info = simple.load_model(store.model_dir(ModelKey.parse(model_id)), symbol, "1h", mtype)
         assert_same_prediction(res, simple.predict(model_id, data), mtype, want_info.metadata["config"], data)
 
     # A batch job goes through the same batching: two windows in one Triton request, one bad item alone.
-    _, series = inputs_for(symbol, "patchtsmixer")
+    _, series = inputs_for(symbol, "patchtsmixer", seed=123)
     good = {"symbol": symbol, "timeframe": "1h", "model_type": "patchtsmixer", "inputs": {"series": series.tolist()}}
     bad = {**good, "inputs": {"series": series[:, :2].tolist()}}
     out = send(producer, tasks.BATCH_PREDICT, {"requests": [good, bad, good], "adapter": "triton"}).get(
@@ -165,7 +141,7 @@ def test_pool_fails_retryable_while_triton_is_down_and_serves_again(triton: Trit
                                                                     redis_client, fleet_settings: FleetSettings) -> None:
     worker = start_worker(adapter="triton", concurrency=1, **triton_env(triton, grpc=False))
     key = {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtsmixer", "adapter": "triton"}
-    job = {**key, "inputs": inputs_for("MSFT", "patchtsmixer")[0]}
+    job = {**key, "inputs": inputs_for("MSFT", "patchtsmixer", seed=123)[0]}
     assert send(producer, tasks.LOAD, key).get(timeout=TIMEOUT)["is_loaded"]
     before = send(producer, tasks.PREDICT, job).get(timeout=TIMEOUT)["predictions"]
 

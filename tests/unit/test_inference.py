@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -12,15 +11,6 @@ from shared.errors import InvalidInputError, PredictionError
 from workers import inference
 
 CONFIG = {"context_length": 8, "prediction_length": 3, "n_channels": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and OpenMP threads crawl when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _series(rows: int = 20, channels: int = 2, seed: int = 0) -> np.ndarray:

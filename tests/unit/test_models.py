@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -32,15 +31,6 @@ TINY_CONFIGS = {
     ModelType.SENTIMENT: {"vocab": ["shares", "jump", "after", "earnings", "beat"], "max_len": 12,
                           "embed_dim": 8, "hidden_dim": 8, "n_buckets": 64},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and OpenMP threads crawl when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(model_type: ModelType) -> torch.nn.Module:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -23,15 +22,6 @@ CONFIG = {"context_length": 16, "prediction_length": 4, "n_channels": 5, "patch_
 KEY = ModelKey(symbol="AAPL", timeframe="1h", model_type="patchtsmixer")
 META = {"seed": 0, "train_seconds": 0.1, "heldout": {"mae": 0.5, "naive_mae": 1.0},
         "training_range": {"start": "a", "end": "b", "n_bars": 10}}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and OpenMP threads crawl when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

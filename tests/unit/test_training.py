@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from producer_api.cli.models import models as models_cli
@@ -28,16 +26,6 @@ TINY_CONFIGS = {
                                      "moving_avg": 5},
 }
 FORECASTERS = list(TINY_CONFIGS)
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and OpenMP threads crawl when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def test_synthetic_bars_are_deterministic_per_symbol() -> None:
     a = generate_bars("AAPL", "1h", n_bars=500)
