@@ -10,10 +10,12 @@ consistent: a reader never sees a result whose record still says running.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from shared.errors import FleetError
 from shared.jobs import JobRecorder
+from pydantic import BaseModel
+
 from shared.schemas import PredictionResult
 from shared.stats import JobOutcome, StatsWriter
 
@@ -23,8 +25,13 @@ class FinishedJob:
     job_id: str
     model_id: str | None
     """None for a job whose payload was unreadable: it counts in no model's stats."""
-    outcome: PredictionResult | FleetError
+    outcome: BaseModel | FleetError
+    """A ``PredictionResult`` for predict jobs; any result model for the other kinds (direct consumer)."""
     load_ms: float = 0.0
+
+    @property
+    def inference_ms(self) -> float:
+        return getattr(self.outcome, "inference_time_ms", 0.0) or 0.0
 
 
 class CeleryResultEncoder:
@@ -33,7 +40,7 @@ class CeleryResultEncoder:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
 
-    def meta(self, job_id: str, outcome: PredictionResult | FleetError) -> tuple[str, bytes | str]:
+    def meta(self, job_id: str, outcome: BaseModel | FleetError) -> tuple[str, bytes | str]:
         if isinstance(outcome, FleetError):
             state, result = "FAILURE", self.backend.prepare_exception(outcome)
         else:
@@ -65,8 +72,12 @@ class OutcomeWriter:
         replies = pipe.execute()
         return [bool(r) for r in replies[:len(job_ids)]]
 
-    def finish(self, jobs: Sequence[FinishedJob], cache: dict[str, int]) -> None:
-        """Store every job's result, final record and event, and the stats, atomically."""
+    def finish(self, jobs: Sequence[FinishedJob], cache: dict[str, int],
+               also: Callable[[Any], None] | None = None) -> None:
+        """Store every job's result, final record and event, and the stats, atomically.
+
+        ``also(pipe)`` adds the caller's own commands to the same MULTI (the direct consumer's acks).
+        """
         pipe = self.redis.pipeline(transaction=True)
         for job in jobs:
             if self.encoder is not None:
@@ -76,10 +87,11 @@ class OutcomeWriter:
             failed = isinstance(job.outcome, FleetError)
             self.recorder.finished(
                 job.job_id, not failed, load_ms=job.load_ms,
-                inference_ms=0.0 if failed else job.outcome.inference_time_ms,
+                inference_ms=0.0 if failed else job.inference_ms,
                 error=job.outcome.to_dict() if failed else None,
                 status="cancelled" if failed and job.outcome.type == "JobCancelledError" else None, pipe=pipe)
-        self.stats.add(pipe, [JobOutcome(j.model_id, not isinstance(j.outcome, FleetError),
-                                         0.0 if isinstance(j.outcome, FleetError) else j.outcome.inference_time_ms)
+        self.stats.add(pipe, [JobOutcome(j.model_id, not isinstance(j.outcome, FleetError), j.inference_ms)
                               for j in jobs if j.model_id is not None], cache)
+        if also is not None:
+            also(pipe)
         pipe.execute()

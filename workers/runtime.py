@@ -137,7 +137,8 @@ class WorkerRuntime:
                     for j, o in zip(jobs, final)])
         return final, load_ms
 
-    def serve(self, items: Sequence[tuple[str, PredictJob]]) -> list[PredictionResult | FleetError]:
+    def serve(self, items: Sequence[tuple[str, PredictJob]],
+              also: Callable[[Any], None] | None = None) -> list[PredictionResult | FleetError]:
         """Serve predict jobs end to end: two Redis round trips for the whole batch.
 
         The first marks every job running (and reads cancellations); the second stores every result, final
@@ -161,7 +162,7 @@ class WorkerRuntime:
         with self._lock:
             deltas = self._cache_deltas()
         self.outcomes.finish([FinishedJob(job_id, job.model_id, out, load_ms)
-                              for (job_id, job), out in zip(items, final)], deltas)
+                              for (job_id, job), out in zip(items, final)], deltas, also)
         return final
 
     def reject(self, job_id: str, error: FleetError) -> None:

@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from celery import Task
 from celery.signals import task_postrun
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from shared import tasks as names
 from shared.celery_app import app
-from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
+from shared.errors import FleetError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
+from workers.payloads import parse_job
 from workers.process import get_runtime
 from workers.runtime import WorkerRuntime
 
@@ -32,18 +33,12 @@ _finished: dict[str, dict[str, Any]] = {}
 _finished_lock = threading.Lock()
 
 
-def _validation_error(exc: ValidationError) -> InvalidInputError:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    return InvalidInputError(f"{loc or 'job'}: {first.get('msg')}", field=loc or None)
-
-
 def run_job(task: Task, schema: type[BaseModel], raw: Any, handler: Handler) -> dict[str, Any]:
     runtime = get_runtime()
     job_id = task.request.id
     outcome: dict[str, Any] = {"ok": False, "load_ms": 0.0, "inference_ms": 0.0, "error": None}
     try:
-        payload = _parse(schema, raw)
+        payload = parse_job(schema, raw)
         if runtime.jobs.is_cancelled(job_id):
             raise JobCancelledError(f"job {job_id} was cancelled before it started")
         total = len(payload.requests) if isinstance(payload, BatchPredictJob) else None
@@ -106,20 +101,11 @@ def load(self: Task, job: Any = None) -> dict[str, Any]:
     return run_job(self, LoadJob, job, _load)
 
 
-def _parse(schema: type[BaseModel], raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise InvalidInputError("the task takes one keyword argument 'job': a JSON object", field="job")
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-
-
 def _serve_prediction(task: Task, raw: Any) -> dict[str, Any]:
     runtime = get_runtime()
     job_id = task.request.id
     try:
-        job = _parse(PredictJob, raw)
+        job = parse_job(PredictJob, raw)
     except FleetError as err:
         runtime.reject(job_id, err)
         raise

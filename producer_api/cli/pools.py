@@ -29,8 +29,10 @@ def worker_argv(adapter: str, device: str, concurrency: int, pool: str, loglevel
 @click.option("--name", "-n", default=None, help="Celery node name (unique by default).")
 @click.option("--batching/--no-batching", default=None,
               help="Dynamic batching of predict jobs (BATCH_ENABLED by default); runs the thread pool.")
+@click.option("--engine", type=click.Choice(["celery", "direct"]), default="celery", show_default=True,
+              help="celery: a Celery worker. direct: batch consumers reading the queue directly (-c processes).")
 def worker(adapter: str | None, device: str | None, concurrency: int | None, pool: str,
-           loglevel: str | None, name: str | None, batching: bool | None) -> None:
+           loglevel: str | None, name: str | None, batching: bool | None, engine: str) -> None:
     """Run a worker pool that consumes exactly the queue infer.<adapter>.<device>."""
     from shared.settings import get_settings
 
@@ -42,6 +44,11 @@ def worker(adapter: str | None, device: str | None, concurrency: int | None, poo
     device = device or settings.default_device
     from workers.process import cpu_count
 
+    if engine == "direct":
+        from workers.direct import run  # imported here: only this subcommand needs torch
+
+        run(adapter, device, concurrency or cpu_count(), loglevel or settings.log_level)
+        return
     if settings.batch.enabled:
         # NOTE: one process; its task threads feed the batcher, so the thread count bounds the batch size.
         # Run one such worker per core (each gets one torch thread) to use every core.

@@ -79,12 +79,13 @@ class WorkerProcess:
     """A real ``fleet worker`` process consuming one pool's queue."""
 
     def __init__(self, settings: FleetSettings, log_path: Path, adapter: str = "simple", concurrency: int = 1,
-                 pool: str = "prefork", batching: bool = False, **env: str) -> None:
+                 pool: str = "prefork", batching: bool = False, engine: str = "celery", **env: str) -> None:
         self.settings = settings
         self.log_path = log_path
         self.log = open(log_path, "w")
         args = ["worker", "--adapter", adapter, "--device", "cpu", "-P", pool]
         args += ["--batching"] if batching else ["-c", str(concurrency), "--no-batching"]
+        args += ["--engine", engine]
         self.proc = subprocess.Popen(
             fleet_cmd(*args),
             env=fleet_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

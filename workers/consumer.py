@@ -1,0 +1,244 @@
+"""The direct consumer: a worker engine that reads a pool's queue from Redis in batches, without Celery's
+per-message dispatch.
+
+Why: on CPU the fleet's cost per job is not the forward but what surrounds it. Celery's worker fetches one
+message per round trip, dispatches it through its pool, acks it in another round trip, and so pays a fixed
+cost per job that no batching inside the task can remove (see README "Batching" and ``bench/results``). This
+engine keeps Celery's wire contract — producers still ``send_task('fleet.predict', kwargs={'job': ...})`` on
+``infer.<adapter>.<device>``, results land in Celery's result backend, any Celery client reads them — and
+changes only how messages are taken:
+
+* one Lua call pops up to ``max_batch_size`` messages (highest priority list first) and records them as
+  unacknowledged in kombu's own ``unacked`` hash and ``unacked_index`` set, so a worker that dies loses
+  nothing: its messages are restored after the visibility timeout, by this engine's sweep or any Celery worker's;
+* the batch runs through :meth:`WorkerRuntime.serve` (one forward per model);
+* results, job records, events, stats **and the acks** go in one MULTI.
+
+It serves all four public tasks; it emits no Celery task events (Flower does not list its jobs) and answers no
+remote-control commands: run Celery workers (``fleet worker``) where those matter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from shared import routing
+from shared import tasks as names
+from shared.errors import FleetError, InvalidInputError, as_fleet_error
+from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
+from workers.payloads import parse_job
+from workers.results import FinishedJob
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport names (kombu.transport.redis.Channel): sharing them keeps redelivery interoperable.
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+UNACKED_MUTEX = "unacked_mutex"
+
+#: KEYS: the queue's priority lists in consume order, then the unacked hash and index.
+#: ARGV: max messages, now, then messages already popped by BRPOP (to record them too).
+_FETCH = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 3, #ARGV do out[#out + 1] = ARGV[i] end
+for i = 1, #KEYS - 2 do
+  while #out < n do
+    local m = redis.call('RPOP', KEYS[i])
+    if not m then break end
+    out[#out + 1] = m
+  end
+end
+for _, m in ipairs(out) do
+  local p = cjson.decode(m)['properties']
+  local d = p['delivery_info']
+  redis.call('ZADD', KEYS[#KEYS], ARGV[2], p['delivery_tag'])
+  redis.call('HSET', KEYS[#KEYS - 1], p['delivery_tag'],
+             '[' .. m .. ',' .. cjson.encode(d['exchange']) .. ',' .. cjson.encode(d['routing_key']) .. ']')
+end
+return out
+"""
+
+
+@dataclass
+class Delivery:
+    tag: str
+    job_id: str
+    task: str
+    job: Any
+
+
+def decode(raw: bytes) -> Delivery:
+    """A kombu message (Celery protocol 2) -> the task name, id and the ``job`` keyword argument."""
+    envelope = json.loads(raw)
+    headers, props = envelope.get("headers", {}), envelope["properties"]
+    body = envelope["body"]
+    if props.get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    ctype = envelope.get("content-type", "")
+    if ctype == "application/json":
+        args, kwargs, _ = json.loads(body)
+    elif ctype in ("application/x-msgpack", "application/msgpack"):
+        args, kwargs, _ = msgpack.unpackb(body, raw=False)
+    else:  # pickle and anything else: never decoded
+        raise InvalidInputError(f"content type {ctype!r} is not accepted (json or msgpack only)")
+    return Delivery(props["delivery_tag"], headers.get("id") or props["delivery_tag"], headers.get("task", ""),
+                    (kwargs or {}).get("job"))
+
+
+class DirectConsumer:
+    """Consumes one pool queue in batches until stopped (SIGTERM/SIGINT finish the batch in hand)."""
+
+    def __init__(self, runtime: WorkerRuntime, queue: str, max_batch_size: int, visibility_timeout: float) -> None:
+        self.runtime = runtime
+        self.redis = runtime.redis
+        self.lists = routing.redis_list_keys(queue)
+        self.max_batch_size = max_batch_size
+        self.visibility_timeout = visibility_timeout
+        self._fetch = self.redis.register_script(_FETCH)
+        self._stop = threading.Event()
+        self._next_sweep = 0.0
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+
+    def fetch(self, block_s: float = 1.0) -> list[Delivery | tuple[str, FleetError]]:
+        raws = self._fetch(keys=[*self.lists, UNACKED, UNACKED_INDEX], args=[self.max_batch_size, time.time()])
+        if not raws and block_s > 0:
+            popped = self.redis.brpop(self.lists, timeout=block_s)  # wakes as soon as a message arrives
+            if popped is None:
+                return []
+            raws = self._fetch(keys=[*self.lists, UNACKED, UNACKED_INDEX],
+                               args=[self.max_batch_size, time.time(), popped[1]])
+        out: list[Delivery | tuple[str, FleetError]] = []
+        for raw in raws:
+            try:
+                out.append(decode(raw))
+            except Exception as exc:  # an undecodable message is acked and dropped, never retried forever
+                tag = _tag_of(raw)
+                log.error("refused message %s: %s", tag, exc)
+                out.append((tag, as_fleet_error(exc)))
+        return out
+
+    def _ack(self, tags: list[str]):
+        def add(pipe: Any) -> None:
+            if tags:
+                pipe.zrem(UNACKED_INDEX, *tags)
+                pipe.hdel(UNACKED, *tags)
+        return add
+
+    def handle(self, batch: list[Delivery | tuple[str, FleetError]]) -> None:
+        refused = [tag for item in batch if isinstance(item, tuple) for tag in (item[0],)]
+        predicts: list[tuple[str, PredictJob]] = []
+        pred_tags: list[str] = []
+        others: list[Delivery] = []
+        for item in batch:
+            if isinstance(item, tuple):
+                continue
+            if item.task != names.PREDICT:
+                others.append(item)
+                continue
+            try:
+                predicts.append((item.job_id, parse_job(PredictJob, item.job)))
+                pred_tags.append(item.tag)
+            except FleetError as err:
+                self.runtime.outcomes.finish([FinishedJob(item.job_id, None, err)], {}, self._ack([item.tag]))
+        if predicts:
+            self.runtime.serve(predicts, also=self._ack(pred_tags + refused))
+        elif refused:
+            pipe = self.redis.pipeline(transaction=True)
+            self._ack(refused)(pipe)
+            pipe.execute()
+        for item in others:  # loads, unloads and batch jobs: rare and long, one at a time
+            self._run_other(item)
+
+    def _run_other(self, item: Delivery) -> None:
+        runtime = self.runtime
+        started = time.time()
+        runtime.outcomes.begin([item.job_id], runtime.worker_id, started)
+        try:
+            if item.task == names.LOAD:
+                outcome: Any = runtime.load(parse_job(LoadJob, item.job))[0]
+            elif item.task == names.UNLOAD:
+                outcome = runtime.unload(parse_job(UnloadJob, item.job))
+            elif item.task == names.BATCH_PREDICT:
+                def progress(done: int, total: int) -> None:
+                    runtime.jobs.progress(item.job_id, done, total)
+                outcome = runtime.batch_predict(parse_job(BatchPredictJob, item.job), progress=progress,
+                                                cancelled=lambda: runtime.jobs.is_cancelled(item.job_id))[0]
+            else:
+                outcome = InvalidInputError(f"unknown task {item.task!r}")
+        except Exception as exc:
+            outcome = as_fleet_error(exc)
+        runtime.outcomes.finish([FinishedJob(item.job_id, None, outcome)], {}, self._ack([item.tag]))
+
+    def sweep(self) -> int:
+        """Give messages of dead workers (unacked past the visibility timeout) back to their queues."""
+        lock = str(uuid.uuid4())
+        if not self.redis.set(UNACKED_MUTEX, lock, nx=True, ex=300):
+            return 0  # another consumer (or a Celery worker) is sweeping
+        restored = 0
+        try:
+            ceiling = time.time() - self.visibility_timeout
+            for tag in self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling):
+                raw = self.redis.hget(UNACKED, tag)
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag)
+                if raw:
+                    payload, _exchange, routing_key = json.loads(raw)
+                    payload.setdefault("headers", {})["redelivered"] = True
+                    pipe.rpush(_priority_list(routing_key, payload), json.dumps(payload))
+                    restored += 1
+                pipe.execute()
+        finally:
+            if self.redis.get(UNACKED_MUTEX) == lock.encode():
+                self.redis.delete(UNACKED_MUTEX)
+        if restored:
+            log.warning("restored %d unacknowledged message(s) of dead workers", restored)
+        return restored
+
+    def run(self) -> None:
+        log.info("direct consumer on %s, batches of up to %d", self.lists[0], self.max_batch_size)
+        while not self._stop.is_set():
+            if time.monotonic() >= self._next_sweep:
+                self.sweep()
+                self._next_sweep = time.monotonic() + max(1.0, self.visibility_timeout / 4)
+            try:
+                batch = self.fetch()
+            except Exception:
+                log.exception("fetching from Redis failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            if batch:
+                try:
+                    self.handle(batch)
+                except Exception:  # the batch stays unacked and comes back after the visibility timeout
+                    log.exception("a batch of %d failed outside the jobs", len(batch))
+
+
+def _tag_of(raw: bytes) -> str:
+    try:
+        return json.loads(raw)["properties"]["delivery_tag"]
+    except Exception:
+        return "unknown"
+
+
+def _priority_list(routing_key: str, payload: dict[str, Any]) -> str:
+    """The list kombu would put a message of this priority in (its ``_q_for_pri``)."""
+    priority = int(payload.get("properties", {}).get("priority") or 0)
+    step = max(s for s in routing.PRIORITY_STEPS if s <= min(priority, routing.PRIORITY_STEPS[-1]))
+    return routing_key if step == 0 else f"{routing_key}{routing.PRIORITY_SEP}{step}"
