@@ -1,0 +1,63 @@
+"""``python -m bench run [--quick]``: the whole benchmark in one command."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from bench.config import MODES
+from bench.runner import ALL_SYSTEMS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@click.group()
+def cli() -> None:
+    """FinSight Fleet benchmark: the fleet against the in-process limit, plain Celery, Triton and TorchServe."""
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Under three minutes: 1 repetition, short windows, fewer points.")
+@click.option("--systems", default=",".join(ALL_SYSTEMS), show_default=True,
+              help="Comma-separated subset of a,b,b2,c,d,e,f (c and d share the fleet's workers).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS,
+              show_default=True, help="Where the .md, .json and .png go.")
+@click.option("--keep", is_flag=True, help="Keep the temporary work directory (logs, model store, repositories).")
+@click.option("--reps", type=click.IntRange(1, 20), default=None, help="Override the repetitions per point.")
+@click.option("--window", type=click.FloatRange(0.5, 600), default=None,
+              help="Override the measurement window (seconds) of every point.")
+def run(quick: bool, systems: str, out_dir: Path, keep: bool, reps: int | None, window: float | None) -> None:
+    """Start everything on loopback, measure every system, stop everything, write the results."""
+    from bench import report
+    from bench.runner import Runner
+
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in ALL_SYSTEMS]
+    if unknown:
+        raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(ALL_SYSTEMS)}")
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        click.echo(f"{time.monotonic() - started:7.1f}s  {message}", err=True)
+
+    mode = MODES["quick" if quick else "full"]
+    if reps or window:
+        mode = dataclasses.replace(
+            mode, reps=reps or mode.reps, window_s=window or mode.window_s,
+            window_c1_s=min(window or mode.window_c1_s, mode.window_c1_s),
+            inproc_slot_s=min(window or mode.inproc_slot_s, mode.inproc_slot_s),
+            notes=[*mode.notes, f"overridden: {reps or mode.reps} repetition(s), {window or mode.window_s} s windows"])
+    result = Runner(mode, chosen, log=log, keep=keep).run()
+    paths = report.write(result, out_dir)
+    log(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
+    if result["failures"]:
+        log(f"{len(result['failures'])} step(s) failed; see the Failures section")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

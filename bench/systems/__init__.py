@@ -1,0 +1,1 @@
+"""One module per measured system, all behind :class:`bench.systems.base.System`."""
