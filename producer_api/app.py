@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 from celery import Celery
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -31,9 +31,16 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
 def create_redis(settings: FleetSettings) -> Redis:
-    """The API's asyncio Redis client: short timeouts and one immediate retry (a stale pooled connection)."""
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-                          socket_timeout=REDIS_SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
+    """The API's asyncio Redis client: short timeouts and one immediate retry (a stale pooled connection).
+
+    NOTE: every request waiting on a job holds one pooled connection for its subscription, so the pool is sized
+    by ``API_REDIS_MAX_CONNECTIONS`` and blocks (briefly) rather than failing when it runs dry.
+    """
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.api_redis_max_connections, timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1))
+    return Redis(connection_pool=pool)
 
 
 def create_producer_celery(settings: FleetSettings) -> Celery:

@@ -160,6 +160,8 @@ class FleetSettings(BaseSettings):
     """Serve ``/healthz`` and ``/readyz`` on the API."""
     api_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Bodies larger than this are refused with 413."""
+    api_redis_max_connections: int = Field(2048, ge=8)
+    """Redis connections the API may hold (each request waiting on a job holds one for its subscription)."""
     api_url: str = "http://127.0.0.1:8000"
     """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
     pools: str = "simple:cpu"
