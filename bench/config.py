@@ -32,6 +32,10 @@ FLEET_MODES: dict[str, dict[str, Any]] = {
     "batching-on": {"pool": "threads", "concurrency": 32,
                     "env": {"BATCH_ENABLED": "true", "BATCH_MAX_BATCH_SIZE": "32",
                             "BATCH_MAX_BATCH_DELAY_MS": "2", "WORKER_TORCH_THREADS": "1"}},
+    # The direct-consumer engine: two processes (one per core, one torch thread each) popping batches of up
+    # to 32 messages per round trip, results + acks of a batch in one MULTI.
+    "direct": {"pool": "direct", "concurrency": 2, "engine": "direct",
+               "env": {"BATCH_MAX_BATCH_SIZE": "32", "WORKER_TORCH_THREADS": "1"}},
 }
 #: Result and job-record TTL given to the fleet under test (the bench makes ~10^5 results; a day would pile up).
 FLEET_RESULT_TTL_S = 300

@@ -54,13 +54,17 @@ class FleetDeployment:
 
     @property
     def processes(self) -> int:
-        return self.spec["concurrency"] if self.spec["pool"] == "prefork" else 1
+        return self.spec["concurrency"] if self.spec["pool"] in ("prefork", "direct") else 1
 
     def start_workers(self) -> None:
         if self.workers is not None:
             return
-        argv = fleet_argv("worker", "--adapter", ADAPTER, "--device", DEVICE, "-c", str(self.spec["concurrency"]),
-                          "-P", self.spec["pool"], "-l", "WARNING")
+        if self.spec.get("engine") == "direct":
+            argv = fleet_argv("worker", "--adapter", ADAPTER, "--device", DEVICE, "--engine", "direct",
+                              "-c", str(self.spec["concurrency"]), "-l", "WARNING")
+        else:
+            argv = fleet_argv("worker", "--adapter", ADAPTER, "--device", DEVICE, "-c", str(self.spec["concurrency"]),
+                              "-P", self.spec["pool"], "-l", "WARNING")
         self.workers = Proc(f"fleet-worker-{self.mode}", argv, self.env(), self.ctx.log_dir,
                             cpus=self.ctx.server_cpus, cwd=ROOT)
         import redis
