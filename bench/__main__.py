@@ -59,5 +59,19 @@ def run(quick: bool, systems: str, out_dir: Path, keep: bool, reps: int | None, 
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("results_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def render(results_json: Path) -> None:
+    """Re-render the .md and .png of a results .json (after editing bench/limits.py, say)."""
+    import json
+
+    from bench import report
+
+    run = json.loads(results_json.read_text())
+    run.pop("targets", None)
+    paths = report.write(run, results_json.parent)
+    click.echo(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
+
+
 if __name__ == "__main__":
     cli()

@@ -175,11 +175,11 @@ def render_markdown(run: dict[str, Any], targets: list[dict[str, Any]], plot_nam
                       f"**{t['status']}**", t["margin"], t["measured_from"], t["basis"]] for t in targets])
     missed = [t for t in targets if t["status"] == "MISS"]
     if missed:
-        lines += ["", "### What limits it", "",
-                  "_To be filled in by the lead from profiles (py-spy of the workers and the API during the "
-                  "saturated points)._", ""]
+        from bench.limits import LIMITS
+
+        lines += ["", "### What limits it", ""]
         for t in missed:
-            lines += [f"- **{t['text']}** — {t['margin']}. _What limits it: TODO (profile)._"]
+            lines += [f"- **{t['text']}** — {t['margin']}. {LIMITS.get(t.get('id', ''), 'Not profiled.')}"]
 
     lines += ["", f"## Summary: reference model, best closed-loop point of each system (c={SAT} where measured)", ""]
     a_ref = best(records, system="a", model="ref")
