@@ -169,12 +169,6 @@ class WorkerRuntime:
         """Store the failure of a job whose payload could not even be read (no model, no stats)."""
         self.outcomes.finish([FinishedJob(job_id, None, error)], {})
 
-    def predict(self, job: PredictJob) -> tuple[PredictionResult, float]:
-        (outcome,), load_ms = self.predict_many([job])
-        if isinstance(outcome, FleetError):
-            raise outcome
-        return outcome, load_ms
-
     def batch_predict(self, job: BatchPredictJob, progress: Progress | None = None,
                       cancelled: Callable[[], bool] | None = None) -> tuple[BatchPredictResult, float, float]:
         """Run a batch job in chunks of the pool's max batch size, reporting progress after each chunk."""

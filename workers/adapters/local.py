@@ -109,7 +109,7 @@ class LocalTorchAdapter(ServingAdapter):
             model_id=model_id, symbol=symbol, timeframe=TimeFrame(timeframe), model_type=ModelType(model_type),
             model_path=str(artifacts.path), is_loaded=True, loaded_at=time.time(),
             memory_usage_mb=round(size / 2**20, 4), version=artifacts.version,
-            metadata={"adapter": self.name, "device": str(self.torch_device), "config": artifacts.config,
+            metadata={"adapter": self.name, "device": str(self.torch_device), "config": _public_config(artifacts.config),
                       "heldout": artifacts.meta.get("heldout", {}), **self._load_metadata(handle)},
         )
         self.cache.put(model_id, LoadedModel(info, forward, artifacts.config, artifacts.meta, size, handle))
@@ -221,6 +221,14 @@ class LocalTorchAdapter(ServingAdapter):
                     confidence_score=float(np.clip(part.max(axis=1).mean(), 0.0, 1.0)),
                     inference_time_ms=round(elapsed_ms, 3), model_info=entry.info)
         return out  # type: ignore[return-value]
+
+
+def _public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as results show it. NOTE: a sentiment model's vocabulary (thousands of words) would otherwise
+    travel inside every result's ``model_info``; its size is enough."""
+    if "vocab" not in config:
+        return config
+    return {**{k: v for k, v in config.items() if k != "vocab"}, "vocab_size": len(config["vocab"])}
 
 
 def _series_of(input_data: InputData) -> np.ndarray:
