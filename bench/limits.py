@@ -9,14 +9,15 @@ columns of the run itself (server CPU includes Redis; client CPU is the load gen
 from __future__ import annotations
 
 _CELERY_CLIENT = (
-    "On this 2-core machine the load generator shares the server's cores, and a Celery client costs 3-7 CPU ms per "
-    "request (send_task, then AsyncResult.get through Celery's result consumer) against 0.2-0.8 ms for the "
-    "aiohttp/tritonclient clients of (d), (e) and (f): the Celery-based systems lose a third of the machine to "
-    "their own client. ")
+    "On this 2-core machine the load generator shares the server's cores. A Celery client costs ~2.9 CPU ms per "
+    "request here (send_task, then AsyncResult.get through Celery's result consumer; 2.2-5.5 ms across the Celery "
+    "systems) against 0.2-0.8 ms for the aiohttp/tritonclient clients of (d), (e) and (f). ")
 _PER_JOB = (
-    "Server CPU per prediction is the other half: the in-process forward costs ~6.8 ms, the fleet ~9.7 ms with the "
-    "direct engine and ~12.4 ms on Celery's prefork pool (Celery's per-message dispatch, a fetch and an ack round "
-    "trip per message, and the parent-to-child hand-off), against 7.2 ms for Triton and 8.3 ms for TorchServe. ")
+    "With the direct engine the fleet's own server CPU per prediction is down to ~7.5 ms (Redis included) against "
+    "6.5 ms for the bare forward, 6.9 ms for Triton and 7.6 ms for TorchServe; Celery's prefork worker needs "
+    "~12.9 ms (a fetch, a dispatch through the pool's parent and an ack per message). Server 7.5 + client 2.9 ms "
+    "= ~10.4 CPU ms per prediction on 2 cores caps the run at ~190/s, which is what it measured: the rest of the "
+    "gap is the client, not the fleet. ")
 
 LIMITS: dict[str, str] = {
     "c-vs-a": _CELERY_CLIENT + _PER_JOB + (
@@ -25,9 +26,9 @@ LIMITS: dict[str, str] = {
     "c-vs-b": _PER_JOB + (
         "(b) pays the same client cost; the fleet also writes a job record, an event and stats per job (one MULTI "
         "per batch) and acknowledges late, which plain Celery does not."),
-    "c-vs-b2": _CELERY_CLIENT + (
-        "celery-batches amortises Celery's dispatch over 32 messages but acks early; the direct engine amortises "
-        "the fetch and the ack too, and is the fleet's closest configuration."),
+    "c-vs-b2": _CELERY_CLIENT + _PER_JOB + (
+        "celery-batches pays the same client cost and acks early; at saturation the two are level (both ~190/s), "
+        "so beating it by 25 % needs a cheaper client or cores of its own, not a cheaper worker."),
     "c-batch-vs-a": (
         "A batch job of 64 runs as two forwards of 32 in one worker process, so one batch job uses one core; with "
         "4 jobs in flight on 2 processes the cores are busy, and the gap is per-item pre/post-processing "
