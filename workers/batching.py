@@ -2,9 +2,10 @@
 
 Mechanism (chosen by measurement, see README "Batching"): the worker runs Celery's thread pool; each task
 thread validates its job, submits it here and blocks on its own future. One batching thread takes the first
-waiting job and gathers more for up to ``max_batch_delay_ms`` — but only while some task thread is still on its
-way (has taken a message and not yet submitted): when every running task has joined, waiting longer cannot grow
-the batch, so it runs at once and a lone request pays no delay. The batch goes through
+waiting job and gathers more for up to ``max_batch_delay_ms`` — but only while more are likely: some task thread
+is on its way (has taken a message and not yet submitted), or jobs are streaming in (the first job came within
+the delay of the one before it; Celery hands messages over one fetch at a time). A lone request, with nobody on
+the way and nothing before it, runs at once and pays no delay. The batch goes through
 :meth:`WorkerRuntime.predict_many`, one forward per model (and ``n_steps``) of up to ``max_batch_size`` rows,
 stats written in one Redis round trip; each future gets its own result or its own typed error.
 
@@ -20,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from shared.errors import FleetError, InternalError
 from shared.schemas import PredictJob, PredictionResult
@@ -37,7 +38,8 @@ class DynamicBatcher:
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self._queue: queue.SimpleQueue[tuple[PredictJob, Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, Future, float]] = queue.SimpleQueue()
+        self._last_submit = float("-inf")
         self._arriving = 0
         self._arriving_lock = threading.Lock()
         self._local = threading.local()
@@ -62,7 +64,9 @@ class DynamicBatcher:
 
     def submit(self, job: PredictJob) -> "Future[Outcome]":
         future: Future[Outcome] = Future()
-        self._queue.put((job, future))
+        now = time.monotonic()
+        gap, self._last_submit = now - self._last_submit, now
+        self._queue.put((job, future, gap))
         if getattr(self._local, "submitted", True) is False:
             self._local.submitted = True
             with self._arriving_lock:
@@ -76,9 +80,10 @@ class DynamicBatcher:
             raise outcome
         return outcome
 
-    def _gather(self, first: tuple[PredictJob, Future]) -> list[tuple[PredictJob, Future]]:
+    def _gather(self, first: tuple[Any, Future, float]) -> list[tuple[Any, Future, float]]:
         batch = [first]
         deadline = time.monotonic() + self.max_delay_s
+        streaming = first[2] < self.max_delay_s
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -86,8 +91,8 @@ class DynamicBatcher:
             except queue.Empty:
                 pass
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._arriving <= 0:
-                break  # nobody else is on the way: waiting cannot grow the batch
+            if remaining <= 0 or (self._arriving <= 0 and not streaming):
+                break  # nobody else is on the way and nothing is streaming in: waiting cannot grow the batch
             try:
                 batch.append(self._queue.get(timeout=min(remaining, 0.0005)))
             except queue.Empty:
@@ -102,13 +107,13 @@ class DynamicBatcher:
                 continue
             batch = self._gather(first)
             try:
-                outcomes = self._run([job for job, _ in batch])
+                outcomes = self._run([job for job, _, _ in batch])
             except Exception as exc:  # a failing batch fails its jobs, never the batching thread
                 log.exception("batch of %d failed", len(batch))
                 outcomes = [InternalError(f"batch failed: {type(exc).__name__}: {exc}")] * len(batch)
             self.batches += 1
             self.jobs += len(batch)
-            for (_, future), outcome in zip(batch, outcomes):
+            for (_, future, _), outcome in zip(batch, outcomes):
                 future.set_result(outcome)
 
     def close(self) -> None:

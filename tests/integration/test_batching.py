@@ -36,14 +36,17 @@ def reference(settings: FleetSettings, series: np.ndarray, n_steps: int | None =
 
 
 def test_batched_jobs_get_their_own_results_and_errors(start_worker, producer, fleet_settings, stats) -> None:
-    worker = start_worker(batching=True, BATCH_MAX_BATCH_DELAY_MS="30", BATCH_MAX_BATCH_SIZE="16")
-    producer.send_task(tasks.LOAD, kwargs={"job": KEY}).get(timeout=60)
     inputs = windows(24)
     bad_index = 5
     jobs = [{**KEY, "inputs": {"series": s.tolist()}} for s in inputs]
     jobs[bad_index]["inputs"] = {"series": inputs[bad_index][:, :2].tolist()}
+    load = producer.send_task(tasks.LOAD, kwargs={"job": KEY})
     with ThreadPoolExecutor(8) as pool:  # several producers at once, as in production
         results = list(pool.map(lambda j: producer.send_task(tasks.PREDICT, kwargs={"job": j}), jobs))
+    # The jobs are queued before the worker starts, so its task threads take many at once: a backlog is what
+    # batching is for (and it makes the batching here deterministic rather than a race with the producer).
+    worker = start_worker(batching=True, BATCH_MAX_BATCH_DELAY_MS="30", BATCH_MAX_BATCH_SIZE="16")
+    load.get(timeout=60)
     for i, res in enumerate(results):
         res.get(timeout=60, propagate=False)
         if i == bad_index:

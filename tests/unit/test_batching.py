@@ -117,3 +117,18 @@ def test_torch_threads_never_oversubscribe_whatever_form_the_pool_option_takes()
     settings = FleetSettings()
     assert torch_threads_for(settings, 2) * 2 <= max(2, __import__("os").cpu_count())
     assert torch_threads_for(settings, 32) == 1
+
+
+def test_jobs_streaming_in_one_by_one_are_still_batched() -> None:
+    # Celery hands messages to task threads one fetch at a time: nobody is "on the way" between two of them,
+    # but a job arriving within the delay of the previous one says more are coming.
+    rec = Recorder(delay=0.02)
+    batcher = DynamicBatcher(rec, max_batch_size=64, max_delay_s=0.05)
+    futures = []
+    for i in range(20):
+        futures.append(batcher.submit(job(float(i))))
+        time.sleep(0.001)  # stands for the gap between two deliveries
+    outcomes = [f.result(timeout=10) for f in futures]
+    batcher.close()
+    assert [o.predictions for o in outcomes] == [[[float(i)]] for i in range(20)]
+    assert len(rec.sizes) < 20 and max(rec.sizes) > 2
