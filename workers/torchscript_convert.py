@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import warnings
@@ -37,6 +35,7 @@ from torch import nn
 from shared import store_layout
 from shared.errors import ModelLoadError
 from shared.schemas import ModelKey, ModelType
+from workers.fileio import atomic_write
 from workers.models.registry import example_inputs
 from workers.store import LoadedArtifacts
 
@@ -180,28 +179,13 @@ def _read_sidecar(artefact: Path) -> dict[str, Any]:
         return {}
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; every worker (and a Triton server) must read it
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_artefact(module: torch.jit.ScriptModule, artefact: Path, provenance: dict[str, Any]) -> None:
     """Write the archive (provenance inside) and its sidecar, each atomically."""
     blob = json.dumps(provenance, sort_keys=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
-        _atomic_write(artefact, lambda tmp: torch.jit.save(module, tmp, _extra_files={PROVENANCE: blob}))
-    _atomic_write(sidecar_path(artefact), lambda tmp: Path(tmp).write_text(blob + "\n", encoding="utf-8"))
+        atomic_write(artefact, lambda tmp: torch.jit.save(module, tmp, _extra_files={PROVENANCE: blob}))
+    atomic_write(sidecar_path(artefact), lambda tmp: Path(tmp).write_text(blob + "\n", encoding="utf-8"))
 
 
 def load_artefact(artefact: Path, map_location: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
