@@ -33,7 +33,8 @@ ALL_SYSTEMS = ("a", "b", "b2", "c", "d", "e", "f")
 def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
     """The points measured on ``system`` in ``mode`` (open-loop points are added once the rate is known)."""
     cs = mode.concurrencies
-    on_quick = fleet_mode == "batching-on" and not mode.extended
+    # NOTE: quick mode measures the fastest engine (direct) in full and the two Celery engines in brief.
+    on_quick = fleet_mode != "direct" and not mode.extended
     if system == "b":
         return [Point("ref", "json-list", concurrency=c) for c in cs] + [Point("small", "json-list", concurrency=SAT)]
     if system == "b2":
