@@ -76,7 +76,8 @@ QUICK = RunMode(
     concurrencies=(1, SATURATION_CONCURRENCY), inproc_batches=(1, 32, 64), inproc_slot_s=0.8,
     triton_variants=("2x1",), extended=False,
     notes=["quick mode: 1 repetition, 2.5 s windows after 0.7 s warm-up, concurrencies 1 and 64 only, "
-           "in-process batches 1/32/64, Triton 2 instances x 1 thread only, fewer points on the two Celery-engine pools; "
+           "in-process batches 1/32/64, Triton 2 instances x 1 thread only, "
+           "fewer points on the two Celery-engine pools; "
            "numbers are indicative, not medians"],
 )
 FULL = RunMode(
