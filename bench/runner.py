@@ -33,7 +33,7 @@ ALL_SYSTEMS = ("a", "b", "b2", "c", "d", "e", "f")
 def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
     """The points measured on ``system`` in ``mode`` (open-loop points are added once the rate is known)."""
     cs = mode.concurrencies
-    # NOTE: quick mode measures the fastest engine (direct) in full and the two Celery engines in brief.
+    # NOTE: quick mode measures the fastest engine (direct) in full and the prefork engine in brief.
     on_quick = fleet_mode != "direct" and not mode.extended
     if system == "b":
         return [Point("ref", "json-list", concurrency=c) for c in cs] + [Point("small", "json-list", concurrency=SAT)]
@@ -168,6 +168,9 @@ class Runner:
         for db, fleet_mode in enumerate(config.FLEET_MODES, start=3):
             if "c" not in self.systems and "d" not in self.systems:
                 break
+            if not self.mode.extended and not config.FLEET_MODES[fleet_mode].get("quick", True):
+                self.log(f"[c/d] {fleet_mode}: not in quick mode")
+                continue
             deployment = FleetDeployment(ctx, fleet_mode, db)
             try:
                 if "c" in self.systems:
