@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 from shared import routing
 from shared import tasks as names
-from shared.errors import FleetError, InvalidInputError, as_fleet_error
+from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
 from workers.payloads import parse_job
 from workers.results import FinishedJob
@@ -169,10 +169,12 @@ class DirectConsumer:
     def _run_other(self, item: Delivery) -> None:
         runtime = self.runtime
         started = time.time()
-        runtime.outcomes.begin([item.job_id], runtime.worker_id, started)
+        (cancelled,) = runtime.outcomes.begin([item.job_id], runtime.worker_id, started)
         try:
-            if item.task == names.LOAD:
-                outcome: Any = runtime.load(parse_job(LoadJob, item.job))[0]
+            if cancelled:  # as the Celery tasks do: a job cancelled while queued never runs
+                outcome: Any = JobCancelledError(f"job {item.job_id} was cancelled before it started")
+            elif item.task == names.LOAD:
+                outcome = runtime.load(parse_job(LoadJob, item.job))[0]
             elif item.task == names.UNLOAD:
                 outcome = runtime.unload(parse_job(UnloadJob, item.job))
             elif item.task == names.BATCH_PREDICT:

@@ -69,3 +69,15 @@ def test_direct_engine_killed_mid_batch_loses_no_job(start_worker, producer) -> 
 def stats_unacked(producer) -> int:
     with producer.connection_for_write() as conn:
         return conn.default_channel.client.hlen("unacked")
+
+
+def test_direct_engine_does_not_run_a_job_cancelled_while_queued(start_worker, producer, fleet_settings) -> None:
+    job_id = "cancelled-before-start"
+    keys = Keys(fleet_settings.redis_key_prefix)
+    with producer.connection_for_write() as conn:
+        conn.default_channel.client.set(keys.job_cancelled(job_id), 1, ex=60)  # what DELETE /v1/jobs/{id} sets
+    result = producer.send_task(tasks.BATCH_PREDICT, task_id=job_id,
+                                kwargs={"job": {"requests": [{**KEY, "inputs": {"series": series(1)}}]}})
+    start_worker(engine="direct", concurrency=1)
+    result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE" and type(result.result).__name__ == "JobCancelledError"
