@@ -20,6 +20,7 @@ from producer_api.context import CTX, ApiContext
 from producer_api.errors import error_middleware
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
+from producer_api.watch import JobChannels
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
 from shared.settings import FleetSettings, get_settings
@@ -33,8 +34,9 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 def create_redis(settings: FleetSettings) -> Redis:
     """The API's asyncio Redis client: short timeouts and one immediate retry (a stale pooled connection).
 
-    NOTE: every request waiting on a job holds one pooled connection for its subscription, so the pool is sized
-    by ``API_REDIS_MAX_CONNECTIONS`` and blocks (briefly) rather than failing when it runs dry.
+    NOTE: waiting requests share one pub/sub connection (:class:`JobChannels`); the pool, sized by
+    ``API_REDIS_MAX_CONNECTIONS``, serves the commands of requests in flight and blocks (briefly) rather than
+    failing when it runs dry.
     """
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.api_redis_max_connections, timeout=REDIS_CONNECT_TIMEOUT_S,
@@ -70,8 +72,8 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
         settings: Fleet settings; the process-wide ones when omitted.
         redis: An asyncio Redis client (tests pass ``fakeredis.aioredis.FakeRedis``); one is built from
             ``settings.redis_url`` and closed with the app when omitted.
-        celery_app: Anything with ``send_task`` and ``control.revoke`` (tests pass a recorder); a producer
-            Celery app from :func:`create_producer_celery` when omitted.
+        celery_app: Anything with ``control.revoke`` (tests pass a recorder); a producer Celery app from
+            :func:`create_producer_celery` when omitted.
 
     Returns:
         The aiohttp application, ready for ``web.run_app`` or a test client.
@@ -83,13 +85,16 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     celery_app = create_producer_celery(settings) if owned_celery else celery_app
     keys = Keys(settings.redis_key_prefix)
     app = web.Application(client_max_size=settings.api_max_body_bytes, middlewares=[error_middleware])
+    channels = JobChannels(redis, keys.api_watch_idle())
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
-                          records=JobRecords(redis, keys, settings.result_ttl_seconds), metrics=ApiMetrics())
+                          records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,
+                          metrics=ApiMetrics())
     for table in routes.tables(settings):
         app.add_routes(table)
     app.on_shutdown.append(_close_websockets)
 
     async def _close_clients(app: web.Application) -> None:
+        await channels.close()
         if owned_redis:
             await redis.aclose()
         if owned_celery:

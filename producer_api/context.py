@@ -10,6 +10,7 @@ from aiohttp import web
 
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
+from producer_api.watch import JobChannels
 from shared.keys import Keys
 from shared.settings import FleetSettings
 
@@ -21,9 +22,11 @@ class ApiContext:
     Attributes:
         settings: The fleet settings the app was built with.
         redis: An asyncio Redis client (``redis.asyncio.Redis`` or fakeredis' twin).
-        celery: A Celery app used only as a producer (``send_task``, ``control.revoke``), called in threads.
+        celery: A Celery app used only for ``control.revoke`` (called in a thread); jobs are enqueued by
+            :func:`producer_api.enqueue.submit` in the MULTI that records them.
         keys: Fleet key names under the settings' prefix.
         records: Job record reads and writes.
+        channels: The shared pub/sub connection that job watches (``?wait``, event sockets) subscribe on.
         metrics: The app's own Prometheus registry and metrics.
         websockets: Open event sockets, closed on shutdown.
     """
@@ -33,6 +36,7 @@ class ApiContext:
     celery: Any
     keys: Keys
     records: JobRecords
+    channels: JobChannels
     metrics: ApiMetrics
     websockets: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 

@@ -7,8 +7,6 @@ and the client gets a 503.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import time
 import uuid
 from typing import Any
@@ -18,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from producer_api.context import ApiContext
 from producer_api.errors import validation_error
-from shared import routing, store_layout, tasks
+from shared import celery_wire, routing, store_layout, tasks
 from shared.errors import InvalidInputError
 from shared.schemas import BatchPredictJob, LoadJob, ModelKey, PredictJob, UnloadJob, model_id_for
 
@@ -92,38 +90,37 @@ def _model_id(job: BaseModel) -> str:
     return job.model_id  # type: ignore[attr-defined]
 
 
-async def submit(ctx: ApiContext, kind: str, job: BaseModel) -> tuple[str, float]:
-    """Record and send a validated job; returns its id and enqueue time.
+def _kwargsrepr(kind: str, job: BaseModel) -> str:
+    # What Flower shows for the arguments; Celery would saferepr the whole payload (series included).
+    return f"{{'job': <{kind} {_model_id(job)}>}}"
+
+
+async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None = None) -> tuple[str, float]:
+    """Record and enqueue a validated job in one MULTI; returns its id and enqueue time.
+
+    The message is the one ``send_task`` would write (see :mod:`shared.celery_wire`); writing it with the
+    ``queued`` record makes the two atomic: no record without a message, no message without a record.
 
     Raises:
-        redis.exceptions.ConnectionError, kombu.exceptions.OperationalError: Redis is unreachable (503).
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis is unreachable (503).
     """
     _, task_name = KINDS[kind]
-    job_id = str(uuid.uuid4())
-    payload = job.model_dump(mode="json")
+    job_id = job_id or str(uuid.uuid4())
+    payload = job.model_dump()
     queue = routing.queue_for_job(payload, ctx.settings)
     adapter = payload.get("adapter") or ctx.settings.serving_adapter_type
     device = payload.get("device") or ctx.settings.default_device
     enqueued_at = payload.get("enqueued_at") or time.time()
-    await ctx.records.enqueued(job_id, kind, _model_id(job), adapter, device, queue, enqueued_at)
-    send = functools.partial(
-        ctx.celery.send_task, task_name, kwargs={"job": payload}, task_id=job_id, queue=queue,
-        priority=routing.broker_priority(payload.get("priority", 5)),
-        # NOTE: the default (nameless) exchange pushes straight onto the queue's list. Through the pools'
-        # exchange, kombu looks the queue up in a binding table that a restarted Redis without persistence has
-        # lost, and drops the message without a word until some worker declares the queue again.
-        exchange="",
-        # NOTE: no retries: with Redis down the client gets a 503 now instead of a request that hangs.
-        retry=False,
-    )
+    list_key, message = celery_wire.task_message(task_name, job_id, {"job": payload}, queue,
+                                                 routing.broker_priority(payload.get("priority", 5)),
+                                                 kwargsrepr=_kwargsrepr(kind, job))
+    pipe = ctx.redis.pipeline(transaction=True)
+    ctx.records.enqueued(pipe, job_id, kind, _model_id(job), adapter, device, queue, enqueued_at)
+    pipe.lpush(list_key, message)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, send)
+        await pipe.execute()
     except Exception:
         ctx.metrics.jobs.labels(kind=kind, status="rejected").inc()
-        try:
-            await ctx.records.discard(job_id)
-        except Exception:  # Redis is likely down too; the record expires on its own
-            pass
         raise
     ctx.metrics.jobs.labels(kind=kind, status="queued").inc()
     return job_id, enqueued_at

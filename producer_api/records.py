@@ -1,6 +1,6 @@
 """Job records from the API side: the asyncio twin of :class:`shared.jobs.JobRecorder`.
 
-Same hash, same field names, same events: the API writes the ``queued`` record at enqueue and the
+Same hash, same field names, same events: the API writes the ``queued`` record with the message and the
 ``cancelled`` state on ``DELETE``; workers write the rest. Reads fetch the record and Celery's result meta in
 one round trip so that a document is never joined from two moments.
 """
@@ -28,20 +28,15 @@ class JobRecords:
         self.keys = keys
         self.ttl = ttl_seconds
 
-    async def enqueued(self, job_id: str, kind: str, model_id: str, adapter: str, device: str, queue: str,
-                       enqueued_at: float) -> None:
-        """The ``queued`` record and event, field for field as :meth:`JobRecorder.enqueued` writes them."""
+    def enqueued(self, pipe: Any, job_id: str, kind: str, model_id: str, adapter: str, device: str, queue: str,
+                 enqueued_at: float) -> None:
+        """Add the ``queued`` record and event to ``pipe`` (the MULTI that also enqueues the job), field for
+        field as :meth:`JobRecorder.enqueued` writes them."""
         key = self.keys.job(job_id)
-        pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"kind": kind, "model_id": model_id, "adapter": adapter, "device": device,
                                 "queue": queue, "status": "queued", "enqueued_at": enqueued_at})
         pipe.expire(key, self.ttl)
         pipe.publish(self.keys.job_events(job_id), event_message(job_id, "queued"))
-        await pipe.execute()
-
-    async def discard(self, job_id: str) -> None:
-        """Drop the record of a job whose message never reached the broker."""
-        await self.redis.delete(self.keys.job(job_id))
 
     async def cancel(self, job_id: str) -> None:
         """Flag the job for workers, mark its record cancelled and publish the ``cancelled`` event, atomically."""

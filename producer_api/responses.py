@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, Field
 
 from shared.schemas import BatchPredictJob, JobErrorBody, PredictJob, ServingStats
@@ -21,6 +22,11 @@ class Accepted(BaseModel):
     @classmethod
     def for_job(cls, job_id: str) -> "Accepted":
         return cls(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
+
+
+def json_document(doc: BaseModel, status: int = 200) -> web.Response:
+    """``doc`` as a JSON response, serialised by pydantic's core in one pass (no intermediate dicts)."""
+    return web.Response(body=doc.model_dump_json().encode(), status=status, content_type="application/json")
 
 
 class ErrorResponse(BaseModel):

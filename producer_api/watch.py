@@ -1,71 +1,250 @@
-"""Watching a job without polling: Redis pub/sub on the job's two channels.
+"""Watching jobs without polling: one shared Redis pub/sub connection for every waiting request.
 
-A job changes state in two places, and both announce it: Celery's Redis result backend PUBLISHes the result
-meta on ``celery-task-meta-<id>`` as it stores it, and the fleet publishes each record change on
-``Keys.job_events(id)``. A watch subscribes to both *before* reading the current state, so a change that lands
-between the read and the wait still wakes it; every message triggers a fresh read of the document.
+A job changes state in two places, and both announce it: the result meta is PUBLISHed on
+``celery-task-meta-<id>`` as it is stored (by Celery's Redis backend, or by the fleet's own outcome writer in
+the same form), and the fleet publishes each record change on ``Keys.job_events(id)``. A watch subscribes to
+both and waits for the subscription to be *confirmed* before anything reads the job or enqueues it, so a change
+that lands in between still wakes it.
+
+Why one connection: a subscription per request costs a pooled connection, and closing it drops the socket, so
+every ``?wait`` paid a TCP connect and the client's handshake. :class:`JobChannels` multiplexes: it subscribes
+a channel when its first watcher arrives, unsubscribes when its last one leaves, and hands each message to the
+watchers' queues. If the connection drops, every watcher is woken to re-read its job and the reader
+resubscribes; watchers also re-read on a slow timer, so a lost wake-up costs latency, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any, AsyncIterator
 
 from producer_api.jobdoc import JobDocument
 from producer_api.records import JobRecords
+from shared.jobs import FINAL_STATUSES
+from shared.keys import CELERY_RESULT_PREFIX
+
+log = logging.getLogger(__name__)
+
+#: Seconds a watcher waits for a change before re-reading the job anyway (a safety net, not the mechanism).
+RECHECK_S = 2.0
+#: Seconds to wait for Redis to confirm a subscription before answering 503.
+CONFIRM_TIMEOUT_S = 2.0
+#: Celery states after which a result no longer changes.
+_READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+#: What a watcher's queue receives when the connection was lost: re-read, something may have been missed.
+RESET = ("", b"")
+
+
+class JobChannels:
+    """Channel subscriptions of many watchers on one pub/sub connection; a background task reads it."""
+
+    def __init__(self, redis: Any, idle_channel: str) -> None:
+        self.redis = redis
+        self.idle_channel = idle_channel  # keeps the connection subscribed (and so readable) with no watchers
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
+        self._confirmed: dict[str, asyncio.Future] = {}
+        self._pubsub: Any = None
+        self._write = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._run(), name="job-channels")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        await self._drop_connection()
+
+    async def add(self, channels: tuple[str, ...], queue: asyncio.Queue) -> None:
+        """Deliver ``channels``' messages to ``queue`` from now on; returns once Redis confirmed them.
+
+        Raises:
+            redis.exceptions.ConnectionError: no confirmation within :data:`CONFIRM_TIMEOUT_S` (503).
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        new = [ch for ch in channels if ch not in self._watchers]
+        for ch in channels:
+            self._watchers.setdefault(ch, set()).add(queue)
+        for ch in new:
+            self._confirmed[ch] = loop.create_future()
+        if new and self._pubsub is not None:
+            try:
+                async with self._write:
+                    await self._pubsub.subscribe(*new)
+            except Exception as exc:  # the reader notices too, reconnects and subscribes every channel
+                log.debug("subscribe failed: %s", exc)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(asyncio.shield(self._confirmed[ch]) for ch in channels)),
+                                   CONFIRM_TIMEOUT_S)
+        except TimeoutError:
+            self.remove(channels, queue)
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
+            raise RedisConnectionError("Redis did not confirm a job subscription in time") from None
+        except BaseException:
+            self.remove(channels, queue)
+            raise
+
+    def remove(self, channels: tuple[str, ...], queue: asyncio.Queue) -> None:
+        gone = []
+        for ch in channels:
+            watchers = self._watchers.get(ch)
+            if watchers is None:
+                continue
+            watchers.discard(queue)
+            if not watchers:
+                del self._watchers[ch]
+                self._confirmed.pop(ch, None)
+                gone.append(ch)
+        if gone and self._pubsub is not None:
+            asyncio.get_running_loop().create_task(self._unsubscribe(gone))
+
+    async def _unsubscribe(self, channels: list[str]) -> None:
+        channels = [ch for ch in channels if ch not in self._watchers]  # someone may have come back
+        if not channels or self._pubsub is None:
+            return
+        try:
+            async with self._write:
+                await self._pubsub.unsubscribe(*channels)
+        except Exception as exc:  # the connection is gone; a new one subscribes only live channels
+            log.debug("unsubscribe failed: %s", exc)
+
+    async def _connect(self) -> None:
+        pubsub = self.redis.pubsub()
+        async with self._write:
+            self._pubsub = pubsub
+            await pubsub.subscribe(self.idle_channel, *self._watchers)
+
+    async def _drop_connection(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:
+                pass
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        """Fail the watchers still waiting for a confirmation (503 now, not at the timeout); every channel is
+        confirmed afresh after the reconnect."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        loop = asyncio.get_running_loop()
+        for ch, future in list(self._confirmed.items()):
+            if not future.done():
+                future.set_exception(RedisConnectionError(f"Redis is unreachable: {exc}"))
+                future.exception()  # retrieved: its watchers raise it themselves
+            self._confirmed[ch] = loop.create_future()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        if message["type"] == "subscribe":
+            future = self._confirmed.get(channel)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif message["type"] == "message":
+            for queue in self._watchers.get(channel, ()):
+                queue.put_nowait((channel, message["data"]))
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self._connect()
+                message = await self._pubsub.get_message(timeout=None)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job watch connection lost (%s); reconnecting", exc)
+                await self._drop_connection()
+                self._fail_pending(exc)
+                for queue in {q for watchers in self._watchers.values() for q in watchers}:
+                    queue.put_nowait(RESET)
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+
+def announces_final(channel: str, data: bytes | str) -> bool:
+    """Whether a message says its job ended (a ready Celery state, or a final record status).
+
+    Unreadable messages count as final: the watcher re-reads the job, which is the safe side.
+    """
+    if not channel:
+        return True  # RESET
+    try:
+        body = json.loads(data)
+        return body["status"] in (_READY_STATES if channel.startswith(CELERY_RESULT_PREFIX) else FINAL_STATUSES)
+    except (ValueError, TypeError, KeyError):
+        return True
 
 
 class JobWatch:
-    """A subscription to one job's channels (an async context manager)."""
+    """One job's subscription on the shared connection (an async context manager)."""
 
-    def __init__(self, redis: Any, records: JobRecords, job_id: str) -> None:
-        self.redis = redis
+    def __init__(self, channels: JobChannels, records: JobRecords, job_id: str) -> None:
+        self.hub = channels
         self.records = records
         self.job_id = job_id
-        self.pubsub: Any = None
+        self.channels = (records.keys.celery_result(job_id), records.keys.job_events(job_id))
+        self.queue: asyncio.Queue = asyncio.Queue()
 
     async def __aenter__(self) -> "JobWatch":
-        self.pubsub = self.redis.pubsub()
-        try:
-            await self.pubsub.subscribe(self.records.keys.celery_result(self.job_id),
-                                        self.records.keys.job_events(self.job_id))
-        except BaseException:
-            await self.pubsub.aclose()
-            raise
+        await self.hub.add(self.channels, self.queue)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        # NOTE: closing drops the connection; a read cancelled by a timeout may have left it mid-reply.
-        await self.pubsub.aclose()
+        self.hub.remove(self.channels, self.queue)
 
     async def current(self) -> JobDocument:
         """The document now; :class:`JobNotFoundError` for an unknown job."""
         return await self.records.require(self.job_id)
 
-    async def _message(self) -> None:
-        # NOTE: timeout=None blocks on the socket without the client's socket_timeout; callers bound the wait.
-        while await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None) is None:
-            pass
+    async def _next(self, final_only: bool) -> None:
+        """Return at the next message (the next final-looking one when ``final_only``) or after RECHECK_S."""
+        while True:
+            try:
+                channel, data = await asyncio.wait_for(self.queue.get(), RECHECK_S)
+            except TimeoutError:
+                return
+            if not final_only or announces_final(channel, data):
+                return
 
-    async def changes(self, first: JobDocument) -> AsyncIterator[JobDocument]:
-        """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last."""
+    async def changes(self, first: JobDocument, final_only: bool = False) -> AsyncIterator[JobDocument]:
+        """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last.
+
+        With ``final_only``, intermediate messages (queued, running, progress) do not trigger a read.
+        """
         last = first
         while not last.final:
-            await self._message()
+            await self._next(final_only)
             doc = await self.records.document(self.job_id)
             if doc is not None and doc != last:
                 last = doc
                 yield doc
 
-    async def until_final(self, timeout: float) -> tuple[JobDocument, bool]:
-        """The final document within ``timeout`` s, else the latest one; and whether the job was already final."""
-        doc = await self.current()
+    async def until_final(self, timeout: float, first: JobDocument | None = None) -> tuple[JobDocument, bool]:
+        """The final document within ``timeout`` s, else the latest one; and whether it was final at first.
+
+        ``first``: the document as the caller knows it (a job it just enqueued), saving the initial read.
+        """
+        doc = first or await self.current()
         if doc.final:
             return doc, True
 
         async def _final() -> JobDocument:
             latest = doc
-            async for latest in self.changes(doc):
+            async for latest in self.changes(doc, final_only=True):
                 pass
             return latest
 
@@ -73,9 +252,3 @@ class JobWatch:
             return await asyncio.wait_for(_final(), timeout), False
         except TimeoutError:
             return await self.current(), False
-
-
-async def wait_for_job(redis: Any, records: JobRecords, job_id: str, timeout: float) -> tuple[JobDocument, bool]:
-    """Subscribe, read, and wait up to ``timeout`` s for ``job_id`` to end (see :meth:`JobWatch.until_final`)."""
-    async with JobWatch(redis, records, job_id) as watch:
-        return await watch.until_final(timeout)

@@ -33,6 +33,10 @@ class Keys:
         """Pub/sub channel: each state change of the job, as JSON."""
         return f"{self.prefix}:job-events:{job_id}"
 
+    def api_watch_idle(self) -> str:
+        """Pub/sub channel nobody publishes on: keeps the API's shared watch connection subscribed."""
+        return f"{self.prefix}:api-watch-idle"
+
     def job_cancelled(self, job_id: str) -> str:
         """String: present when the job was cancelled (workers check it before and during work)."""
         return f"{self.prefix}:job-cancelled:{job_id}"

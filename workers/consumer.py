@@ -20,7 +20,6 @@ remote-control commands: run Celery workers (``fleet worker``) where those matte
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import signal
@@ -30,8 +29,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from shared import routing
+from shared.celery_wire import delivery_tag, priority_list, read_message
 from shared import tasks as names
 from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
@@ -80,20 +79,8 @@ class Delivery:
 
 def decode(raw: bytes) -> Delivery:
     """A kombu message (Celery protocol 2) -> the task name, id and the ``job`` keyword argument."""
-    envelope = json.loads(raw)
-    headers, props = envelope.get("headers", {}), envelope["properties"]
-    body = envelope["body"]
-    if props.get("body_encoding") == "base64":
-        body = base64.b64decode(body)
-    ctype = envelope.get("content-type", "")
-    if ctype == "application/json":
-        args, kwargs, _ = json.loads(body)
-    elif ctype in ("application/x-msgpack", "application/msgpack"):
-        args, kwargs, _ = msgpack.unpackb(body, raw=False)
-    else:  # pickle and anything else: never decoded
-        raise InvalidInputError(f"content type {ctype!r} is not accepted (json or msgpack only)")
-    return Delivery(props["delivery_tag"], headers.get("id") or props["delivery_tag"], headers.get("task", ""),
-                    (kwargs or {}).get("job"))
+    msg = read_message(raw)
+    return Delivery(msg.tag, msg.task_id, msg.task, msg.kwargs.get("job"))
 
 
 class DirectConsumer:
@@ -129,7 +116,7 @@ class DirectConsumer:
             try:
                 out.append(decode(raw))
             except Exception as exc:  # an undecodable message is acked and dropped, never retried forever
-                tag = _tag_of(raw)
+                tag = delivery_tag(raw)
                 log.error("refused message %s: %s", tag, exc)
                 out.append((tag, as_fleet_error(exc)))
         return out
@@ -203,7 +190,8 @@ class DirectConsumer:
                 if raw:
                     payload, _exchange, routing_key = json.loads(raw)
                     payload.setdefault("headers", {})["redelivered"] = True
-                    pipe.rpush(_priority_list(routing_key, payload), json.dumps(payload))
+                    pipe.rpush(priority_list(routing_key, payload.get("properties", {}).get("priority") or 0),
+                               json.dumps(payload))
                     restored += 1
                 pipe.execute()
         finally:
@@ -231,16 +219,3 @@ class DirectConsumer:
                 except Exception:  # the batch stays unacked and comes back after the visibility timeout
                     log.exception("a batch of %d failed outside the jobs", len(batch))
 
-
-def _tag_of(raw: bytes) -> str:
-    try:
-        return json.loads(raw)["properties"]["delivery_tag"]
-    except Exception:
-        return "unknown"
-
-
-def _priority_list(routing_key: str, payload: dict[str, Any]) -> str:
-    """The list kombu would put a message of this priority in (its ``_q_for_pri``)."""
-    priority = int(payload.get("properties", {}).get("priority") or 0)
-    step = max(s for s in routing.PRIORITY_STEPS if s <= min(priority, routing.PRIORITY_STEPS[-1]))
-    return routing_key if step == 0 else f"{routing_key}{routing.PRIORITY_SEP}{step}"

@@ -16,7 +16,6 @@ from shared.errors import FleetError
 from shared.jobs import JobRecorder
 from pydantic import BaseModel
 
-from shared.schemas import PredictionResult
 from shared.stats import JobOutcome, StatsWriter
 
 

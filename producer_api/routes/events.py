@@ -33,7 +33,7 @@ async def _until_client_leaves(ws: web.WebSocketResponse) -> None:
 @routes.get("/v1/jobs/{id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
-    async with JobWatch(c.redis, c.records, request.match_info["id"]) as watch:
+    async with JobWatch(c.channels, c.records, request.match_info["id"]) as watch:
         # Subscribed before reading, and read before upgrading: an unknown job is a plain JSON 404.
         first = await watch.current()
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S)

@@ -12,7 +12,8 @@ from aiohttp import web
 from producer_api.body import wait_param
 from producer_api.context import ctx
 from producer_api.errors import JobFinishedError
-from producer_api.watch import wait_for_job
+from producer_api.responses import json_document
+from producer_api.watch import JobWatch
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -23,14 +24,15 @@ async def get_job(request: web.Request) -> web.Response:
     c, job_id = ctx(request), request.match_info["id"]
     wait = wait_param(request)
     if wait is None:
-        return web.json_response((await c.records.require(job_id)).model_dump(mode="json"))
-    doc, was_final = await wait_for_job(c.redis, c.records, job_id, wait)
+        return json_document(await c.records.require(job_id))
+    async with JobWatch(c.channels, c.records, job_id) as watch:
+        doc, was_final = await watch.until_final(wait)
     if doc.final and not was_final:  # this request saw the job end: one end-to-end sample
         enqueued_at = await c.redis.hget(c.keys.job(job_id), "enqueued_at")
         if enqueued_at:
             c.metrics.job_latency.labels(kind=doc.kind or "unknown").observe(
                 max(0.0, time.time() - float(enqueued_at)))
-    return web.json_response(doc.model_dump(mode="json"))
+    return json_document(doc)
 
 
 @routes.delete("/v1/jobs/{id}")

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from aiohttp import web
 
 from producer_api.body import read_body, wait_param
 from producer_api.context import ctx
 from producer_api.enqueue import parse_job, submit
-from producer_api.responses import Accepted
-from producer_api.watch import wait_for_job
+from producer_api.jobdoc import JobDocument
+from producer_api.responses import Accepted, json_document
+from producer_api.watch import JobWatch
 
 routes = web.RouteTableDef()
 
@@ -21,12 +23,18 @@ async def enqueue(request: web.Request, kind: str) -> web.Response:
     c = ctx(request)
     wait = wait_param(request)  # before enqueueing: a bad ?wait must not leave a job behind
     job = parse_job(c, kind, await read_body(request))
-    job_id, enqueued_at = await submit(c, kind, job)
-    if wait is not None:
-        doc, _ = await wait_for_job(c.redis, c.records, job_id, wait)
-        if doc.final:
-            c.metrics.job_latency.labels(kind=kind).observe(max(0.0, time.time() - enqueued_at))
-            return web.json_response(doc.model_dump(mode="json"))
+    if wait is None:
+        job_id, _ = await submit(c, kind, job)
+        return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
+    job_id = str(uuid.uuid4())
+    # Subscribed (and confirmed) before the job exists: its end cannot slip by unseen.
+    async with JobWatch(c.channels, c.records, job_id) as watch:
+        _, enqueued_at = await submit(c, kind, job, job_id)
+        queued = JobDocument(job_id=job_id, kind=kind, status="queued")
+        doc, _ = await watch.until_final(wait, first=queued)
+    if doc.final:
+        c.metrics.job_latency.labels(kind=kind).observe(max(0.0, time.time() - enqueued_at))
+        return json_document(doc)
     return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
 
 

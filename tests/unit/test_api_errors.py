@@ -124,8 +124,11 @@ async def test_body_over_the_limit_is_413(aiohttp_client, tmp_path, aredis, cele
     assert (await resp.json())["error"]["type"] == "PayloadTooLargeError"
 
 
-async def test_a_true_bug_is_a_logged_500_without_details(client, celery, caplog):
-    celery.error = RuntimeError("secret internals")
+async def test_a_true_bug_is_a_logged_500_without_details(client, caplog, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr("shared.celery_wire.task_message", bug)
     resp = await client.post("/v1/predict", json=PREDICT)
     assert resp.status == 500
     error = (await resp.json())["error"]

@@ -99,7 +99,8 @@ async def test_metrics_report_the_api_and_the_fleet(client, fleet):
     samples = _samples(await resp.text())
     assert samples[("fleet_api_jobs_total", (("kind", "predict"), ("status", "queued")))] == 1
     assert samples[("fleet_predictions_total", (("status", "ok"),))] == 2
-    assert samples[("fleet_queue_depth", (("queue", "infer.simple.cpu"),))] == 3
+    # the enqueued job's own message (priority step 3) plus the three pushed here
+    assert samples[("fleet_queue_depth", (("queue", "infer.simple.cpu"),))] == 4
     assert samples[("fleet_queue_depth", (("queue", "infer.triton.cuda"),))] == 0
     assert samples[("fleet_inference_latency_seconds_bucket", (("le", "0.005"),))] == 1
     assert samples[("fleet_inference_latency_seconds_bucket", (("le", "+Inf"),))] == 2

@@ -1,7 +1,8 @@
 """Fixtures and fakes shared by the ``test_api_*`` modules (imported by them; this module has no tests).
 
 The API runs on fakeredis' asyncio client; a sync fakeredis client on the same server plays the worker
-(``shared.jobs.JobRecorder`` and Celery's result writes), and :class:`FakeCelery` records what was sent.
+(``shared.jobs.JobRecorder`` and Celery's result writes); :class:`FakeBroker` reads the messages the API pushed
+onto the queues' lists and records revokes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import fakeredis.aioredis
 import pytest
 
 from producer_api.app import create_app
+from shared import routing
+from shared.celery_wire import read_message
 from shared.jobs import JobRecorder
 from shared.keys import Keys
 from shared.settings import FleetSettings
@@ -26,19 +29,27 @@ SERIES = [[1.0, 2.0], [1.5, 2.5], [2.0, 3.0]]
 PREDICT = {"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "inputs": {"series": SERIES}}
 
 
-class FakeCelery:
-    """Records ``send_task`` and ``control.revoke`` calls; raises ``error`` from ``send_task`` when set."""
+class FakeBroker:
+    """The API's Celery stand-in (``control.revoke`` only) and a view of the messages on the queues' lists."""
 
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
+    def __init__(self, sredis: fakeredis.FakeRedis) -> None:
+        self.sredis = sredis
         self.revoked: list[str] = []
-        self.error: BaseException | None = None
         self.control = SimpleNamespace(revoke=self.revoked.append)
 
-    def send_task(self, name: str, **options: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.sent.append((name, options))
+    @property
+    def sent(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(task name, {task_id, queue, priority, exchange, kwargs})`` of every queued message, oldest first."""
+        out = []
+        for key in sorted(self.sredis.keys(f"{routing.QUEUE_PREFIX}.*")):
+            for raw in reversed(self.sredis.lrange(key, 0, -1)):  # LPUSHed: the oldest is last
+                envelope = json.loads(raw)
+                msg = read_message(raw)
+                props = envelope["properties"]
+                out.append((msg.task, {"task_id": msg.task_id, "queue": props["delivery_info"]["routing_key"],
+                                       "exchange": props["delivery_info"]["exchange"],
+                                       "priority": props["priority"], "kwargs": msg.kwargs, "list": key.decode()}))
+        return out
 
 
 def make_store(root: Path) -> Path:
@@ -81,8 +92,8 @@ def recorder(sredis: fakeredis.FakeRedis) -> JobRecorder:
 
 
 @pytest.fixture
-def celery() -> FakeCelery:
-    return FakeCelery()
+def celery(server: fakeredis.FakeServer) -> FakeBroker:
+    return FakeBroker(fakeredis.FakeRedis(server=server))
 
 
 @pytest.fixture
@@ -91,7 +102,7 @@ def settings(tmp_path: Path) -> FleetSettings:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, celery: FakeCelery) -> Any:
+async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, celery: FakeBroker) -> Any:
     return await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
 
 

@@ -63,7 +63,9 @@ def test_unreadable_meta_is_ignored():
 
 
 async def test_api_record_has_the_fields_the_workers_write(aredis, sredis):
-    await JobRecords(aredis, KEYS, 60).enqueued("a", "predict", "M", "simple", "cpu", "infer.simple.cpu", 1.5)
+    pipe = aredis.pipeline(transaction=True)
+    JobRecords(aredis, KEYS, 60).enqueued(pipe, "a", "predict", "M", "simple", "cpu", "infer.simple.cpu", 1.5)
+    await pipe.execute()
     JobRecorder(sredis, KEYS, 60).enqueued("b", "predict", "M", "simple", "cpu", "infer.simple.cpu", 1.5)
     assert sredis.hgetall(KEYS.job("a")) == sredis.hgetall(KEYS.job("b"))
     assert 0 < sredis.ttl(KEYS.job("a")) <= 60

@@ -9,7 +9,6 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from kombu.exceptions import OperationalError
 
 from producer_api.app import create_app
 from shared import tasks
@@ -29,7 +28,7 @@ async def test_load_and_unload_are_sent_to_the_default_pool(client, celery, sred
     (name, options), = celery.sent
     assert name == task
     assert options["task_id"] == body["job_id"] and options["queue"] == "infer.simple.cpu"
-    assert options["retry"] is False and options["priority"] == 4 and options["exchange"] == ""
+    assert options["priority"] == 4 and options["exchange"] == "" and options["list"] == "infer.simple.cpu:3"
     assert options["kwargs"]["job"]["symbol"] == "AAPL"
     record = {k.decode(): v.decode() for k, v in sredis.hgetall(KEYS.job(body["job_id"])).items()}
     assert record["kind"] == kind and record["status"] == "queued" and record["model_id"] == "AAPL_1h_patchtst"
@@ -51,7 +50,7 @@ async def test_predict_routes_by_adapter_device_and_priority(client, celery):
 async def test_predict_accepts_a_base64_tensor_in_json(client, celery):
     data = base64.b64encode(np.arange(6, dtype="<f4").tobytes()).decode()
     await enqueue(client, {**PREDICT, "inputs": {"tensor": {"dtype": "float32", "shape": [3, 2], "data": data}}})
-    assert celery.sent[0][1]["kwargs"]["job"]["inputs"]["tensor"]["data"] == data
+    assert celery.sent[0][1]["kwargs"]["job"]["inputs"]["tensor"]["data"] == base64.b64decode(data)
 
 
 async def test_predict_accepts_msgpack_with_binary_tensor(client, celery):
@@ -60,7 +59,7 @@ async def test_predict_accepts_msgpack_with_binary_tensor(client, celery):
     resp = await client.post("/v1/predict", data=body, headers={"Content-Type": "application/msgpack"})
     assert resp.status == 202 and resp.content_type == "application/json"
     sent = celery.sent[0][1]["kwargs"]["job"]["inputs"]["tensor"]
-    assert base64.b64decode(sent["data"]) == raw
+    assert sent["data"] == raw and sent["shape"] == [3, 2]
 
 
 @pytest.mark.parametrize("body, field", [
@@ -146,21 +145,40 @@ async def test_bad_wait_is_422_naming_wait_and_sends_nothing(client, celery, wai
     assert celery.sent == []
 
 
-async def test_broker_down_is_503_and_the_record_is_dropped(client, celery, sredis):
-    celery.error = OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+async def test_redis_down_at_enqueue_is_503_and_leaves_nothing(client, celery, sredis, server):
+    server.connected = False  # every command now fails as on a refused connection
     resp = await client.post("/v1/predict", json=PREDICT)
+    server.connected = True
     assert resp.status == 503
     assert (await resp.json())["error"]["type"] == "BrokerUnavailableError"
-    assert sredis.keys(f"{KEYS.prefix}:job:*") == []
+    assert sredis.keys(f"{KEYS.prefix}:job:*") == [] and celery.sent == []
 
 
-async def test_real_celery_with_unreachable_broker_answers_503_at_once(aiohttp_client, settings, aredis):
-    unreachable = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
-    client = await aiohttp_client(create_app(unreachable, redis=aredis))
-    started = time.perf_counter()
+async def test_record_and_message_are_one_transaction(client, celery, sredis, monkeypatch):
+    # A MULTI that fails part-way applies nothing: no record without its message, no message without its record.
+    from redis.exceptions import ResponseError
+
+    def refuse(self, *args, **kwargs):
+        raise ResponseError("WRONGTYPE simulated")
+
+    monkeypatch.setattr("fakeredis.aioredis.FakeRedis.pipeline", lambda self, transaction=True:
+                        _FailingPipeline(self, refuse))
     resp = await client.post("/v1/predict", json=PREDICT)
-    assert resp.status == 503 and (await resp.json())["error"]["type"] == "BrokerUnavailableError"
-    assert time.perf_counter() - started < 2.0
+    assert resp.status == 500
+    assert sredis.keys(f"{KEYS.prefix}:job:*") == [] and celery.sent == []
+
+
+class _FailingPipeline:
+    """Queues commands like a pipeline and fails at EXEC, before anything is applied."""
+
+    def __init__(self, redis, fail) -> None:
+        self.fail = fail
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+    async def execute(self):
+        self.fail(self)
 
 
 async def test_unreachable_redis_answers_503_at_once(aiohttp_client, settings, celery):

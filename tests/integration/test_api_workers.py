@@ -1,0 +1,114 @@
+"""The API against real Redis and real workers: messages it builds itself (no Celery producer), the shared
+job-watch connection, and what Celery's own producer writes for the same job."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+
+import msgpack
+import numpy as np
+import pytest
+import redis as redis_lib
+
+from producer_api.app import create_app, create_redis
+from shared import celery_wire, routing, tasks
+from shared.celery_app import create_celery_app
+
+pytestmark = pytest.mark.integration
+
+from workers.training.synthetic import generate_bars
+
+# Data the model has not seen (another seed than training), in the model's own width.
+SERIES = np.ascontiguousarray(generate_bars("AAPL", "1h", n_bars=700, seed=123).values[-200:], dtype="<f4")
+PREDICT = {"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "adapter": "simple", "device": "cpu"}
+
+
+def tensor_body() -> bytes:
+    return msgpack.packb({**PREDICT, "inputs": {"tensor": {"dtype": "float32", "shape": list(SERIES.shape),
+                                                           "data": SERIES.tobytes()}}})
+
+
+@pytest.fixture()
+async def api(aiohttp_client, fleet_settings):
+    return await aiohttp_client(create_app(fleet_settings))
+
+
+def test_built_message_matches_what_send_task_writes(fleet_settings, redis_client) -> None:
+    app = create_celery_app(fleet_settings, name="wire-check")
+    queue, job_id, job = "infer.simple.cpu", str(uuid.uuid4()), {"symbol": "AAPL", "data": b"\x00\x01\x02"}
+    try:
+        app.send_task(tasks.PREDICT, kwargs={"job": job}, task_id=job_id, queue=queue, priority=4, exchange="",
+                      serializer="msgpack", retry=False)
+    finally:
+        app.close()
+    key, ours = celery_wire.task_message(tasks.PREDICT, job_id, {"job": job}, queue, 4)
+    assert key == "infer.simple.cpu:3" and redis_client.llen(key) == 1
+    theirs = json.loads(redis_client.rpop(key))
+    mine = json.loads(ours)
+    assert base64.b64decode(mine["body"]) == base64.b64decode(theirs["body"])
+    assert {k: v for k, v in mine.items() if k not in ("body", "headers", "properties")} == \
+        {k: v for k, v in theirs.items() if k not in ("body", "headers", "properties")}
+    volatile_headers, volatile_props = {"origin", "kwargsrepr"}, {"delivery_tag", "reply_to"}
+    assert {k: v for k, v in mine["headers"].items() if k not in volatile_headers} == \
+        {k: v for k, v in theirs["headers"].items() if k not in volatile_headers}
+    assert {k: v for k, v in mine["properties"].items() if k not in volatile_props} == \
+        {k: v for k, v in theirs["properties"].items() if k not in volatile_props}
+
+
+@pytest.mark.parametrize("engine", ["celery", "direct"])
+async def test_api_jobs_are_served_by_both_engines(api, start_worker, redis_client, engine) -> None:
+    start_worker(engine=engine, concurrency=1)
+    headers = {"Content-Type": "application/msgpack"}
+    resp = await api.post("/v1/predict?wait=30", data=tensor_body(), headers=headers)
+    doc = await resp.json()
+    assert resp.status == 200 and doc["status"] == "succeeded", doc["error"]
+    assert np.asarray(doc["result"]["predictions"]).shape[1] == SERIES.shape[1]
+    # Many requests waiting at once share one pub/sub connection, and each gets its own job's document.
+    resps = await asyncio.gather(*(api.post("/v1/predict?wait=30", data=tensor_body(), headers=headers)
+                                   for _ in range(24)))
+    docs = [await r.json() for r in resps]
+    assert all(r.status == 200 for r in resps) and len({d["job_id"] for d in docs}) == 24
+    assert all(d["status"] == "succeeded" for d in docs), [d["error"] for d in docs if d["error"]][:1]
+    for d in docs:  # the same input: the same forecast (a batched forward differs only in rounding)
+        np.testing.assert_allclose(d["result"]["predictions"], doc["result"]["predictions"], rtol=1e-4, atol=1e-4)
+    subscribers = [c for c in redis_client.client_list(_type="pubsub") if "api-watch-idle" in c.get("cmd", "")
+                   or int(c.get("sub", 0)) > 0]
+    assert len(subscribers) <= 1  # the API's shared connection (and no per-request subscriptions left over)
+
+
+async def test_watch_survives_a_dropped_connection(api, start_worker, fleet_settings) -> None:
+    # The job waits in the queue while the watch connection is killed; its end is still seen.
+    resp = await api.post("/v1/predict", data=tensor_body(), headers={"Content-Type": "application/msgpack"})
+    job_id = (await resp.json())["job_id"]
+    waiter = asyncio.create_task(api.get(f"/v1/jobs/{job_id}?wait=30"))
+    await asyncio.sleep(0.3)
+    killer = redis_lib.Redis.from_url(fleet_settings.redis_url)
+    assert killer.client_kill_filter(_type="pubsub") >= 1
+    start_worker(engine="direct", concurrency=1)
+    resp = await asyncio.wait_for(waiter, 40)
+    doc = await resp.json()
+    assert resp.status == 200 and doc["status"] == "succeeded", doc["error"]
+
+
+async def test_submit_without_a_live_redis_is_503(fleet_settings) -> None:
+    # The enqueue MULTI is the only write: with Redis gone nothing is half-done and the client hears so at once.
+    down = fleet_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    redis = create_redis(down)
+    try:
+        from aiohttp.test_utils import TestClient, TestServer
+
+        async with TestClient(TestServer(create_app(down, redis=redis))) as client:
+            resp = await client.post("/v1/predict?wait=5", data=tensor_body(),
+                                     headers={"Content-Type": "application/msgpack"})
+            assert resp.status == 503 and (await resp.json())["error"]["type"] == "BrokerUnavailableError"
+    finally:
+        await redis.aclose()
+
+
+def test_priority_lists_follow_kombu() -> None:
+    assert [celery_wire.priority_list("q", p) for p in range(10)] == \
+        ["q", "q", "q", "q:3", "q:3", "q:3", "q:6", "q:6", "q:6", "q:9"]
+    assert routing.redis_list_keys("q") == ["q", "q:3", "q:6", "q:9"]
