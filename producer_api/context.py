@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from cachetools import TTLCache
 
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
 from producer_api.watch import JobChannels
 from shared.keys import Keys
 from shared.settings import FleetSettings
+
+#: Seconds a model found in the store is not looked up again.
+STORE_CHECK_TTL_S = 5.0
 
 
 @dataclass
@@ -29,6 +33,8 @@ class ApiContext:
         channels: The shared pub/sub connection that job watches (``?wait``, event sockets) subscribe on.
         metrics: The app's own Prometheus registry and metrics.
         websockets: Open event sockets, closed on shutdown.
+        models_seen: ``(model id, version)`` found in the store lately: a predict checks the disk once per
+            model per :data:`STORE_CHECK_TTL_S`, not once per request.
     """
 
     settings: FleetSettings
@@ -39,6 +45,7 @@ class ApiContext:
     channels: JobChannels
     metrics: ApiMetrics
     websockets: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    models_seen: TTLCache = field(default_factory=lambda: TTLCache(maxsize=4096, ttl=STORE_CHECK_TTL_S))
 
 
 CTX = web.AppKey("fleet_context", ApiContext)

@@ -39,8 +39,14 @@ def _check_finite(job: PredictJob, prefix: str = "") -> None:
 
 
 def _check_store(ctx: ApiContext, job: LoadJob | PredictJob) -> None:
+    # NOTE: only models found are remembered (for STORE_CHECK_TTL_S): a model added to the store is seen at
+    # once, and one deleted within the TTL fails its jobs in the worker with the same typed error.
+    seen = (job.model_id, job.version)
+    if seen in ctx.models_seen:
+        return
     key = ModelKey(symbol=job.symbol, timeframe=job.timeframe, model_type=job.model_type)
     store_layout.model_dir(ctx.settings.model_store_dir, key, job.version)  # ModelNotFoundError -> 404
+    ctx.models_seen[seen] = True
 
 
 def _batch_items(job: BatchPredictJob, now: float) -> list[dict[str, Any]]:

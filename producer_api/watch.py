@@ -16,8 +16,8 @@ resubscribes; watchers also re-read on a slow timer, so a lost wake-up costs lat
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 from typing import Any, AsyncIterator
 
 from producer_api.jobdoc import JobDocument
@@ -175,18 +175,23 @@ class JobChannels:
                 self._dispatch(message)
 
 
+#: The first ``"status": "..."`` of a message. Celery's meta and the fleet's events both put their status
+#: before any nested object, so the first match is the top-level one; it saves parsing a whole forecast.
+_STATUS = re.compile(rb'"status": ?"([A-Za-z_]+)"')
+
+
 def announces_final(channel: str, data: bytes | str) -> bool:
     """Whether a message says its job ended (a ready Celery state, or a final record status).
 
-    Unreadable messages count as final: the watcher re-reads the job, which is the safe side.
+    Messages without a readable status count as final: the watcher re-reads the job, which is the safe side.
     """
     if not channel:
         return True  # RESET
-    try:
-        body = json.loads(data)
-        return body["status"] in (_READY_STATES if channel.startswith(CELERY_RESULT_PREFIX) else FINAL_STATUSES)
-    except (ValueError, TypeError, KeyError):
+    found = _STATUS.search(data[:200] if isinstance(data, bytes) else data[:200].encode())
+    if found is None:
         return True
+    status = found.group(1).decode()
+    return status in (_READY_STATES if channel.startswith(CELERY_RESULT_PREFIX) else FINAL_STATUSES)
 
 
 class JobWatch:
@@ -210,15 +215,21 @@ class JobWatch:
         """The document now; :class:`JobNotFoundError` for an unknown job."""
         return await self.records.require(self.job_id)
 
-    async def _next(self, final_only: bool) -> None:
-        """Return at the next message (the next final-looking one when ``final_only``) or after RECHECK_S."""
+    async def _next(self, final_only: bool) -> bytes | None:
+        """Wait for the next message (the next final-looking one when ``final_only``), at most RECHECK_S.
+
+        Returns the message when it is the job's final result meta (the reader need not fetch it again).
+        """
         while True:
             try:
                 channel, data = await asyncio.wait_for(self.queue.get(), RECHECK_S)
             except TimeoutError:
-                return
-            if not final_only or announces_final(channel, data):
-                return
+                return None
+            final = announces_final(channel, data)
+            if final and channel == self.channels[0]:
+                return data
+            if final or not final_only:
+                return None
 
     async def changes(self, first: JobDocument, final_only: bool = False) -> AsyncIterator[JobDocument]:
         """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last.
@@ -227,8 +238,8 @@ class JobWatch:
         """
         last = first
         while not last.final:
-            await self._next(final_only)
-            doc = await self.records.document(self.job_id)
+            meta = await self._next(final_only)
+            doc = await self.records.document(self.job_id, meta)
             if doc is not None and doc != last:
                 last = doc
                 yield doc
