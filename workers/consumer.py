@@ -8,9 +8,10 @@ engine keeps Celery's wire contract — producers still ``send_task('fleet.predi
 ``infer.<adapter>.<device>``, results land in Celery's result backend, any Celery client reads them — and
 changes only how messages are taken:
 
-* one Lua call pops up to ``max_batch_size`` messages (highest priority list first) and records them as
-  unacknowledged in kombu's own ``unacked`` hash and ``unacked_index`` set, so a worker that dies loses
-  nothing: its messages are restored after the visibility timeout, by this engine's sweep or any Celery worker's;
+* one Lua call (:mod:`workers.fetch`) pops up to ``max_batch_size`` messages (highest priority list first),
+  records them as unacknowledged in kombu's own ``unacked`` hash and ``unacked_index`` set, so a worker that
+  dies loses nothing (its messages are restored after the visibility timeout, by this engine's sweep or any
+  Celery worker's), and marks the predict jobs among them running;
 * the batch runs through :meth:`WorkerRuntime.serve` (one forward per model);
 * results, job records, events, stats **and the acks** go in one MULTI.
 
@@ -34,40 +35,12 @@ from shared.celery_wire import delivery_tag, priority_list, read_message
 from shared import tasks as names
 from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
+from workers.fetch import UNACKED, UNACKED_INDEX, UNACKED_MUTEX, BatchFetcher
 from workers.payloads import parse_job
-from workers.results import FinishedJob
+from workers.results import Begun, FinishedJob
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-
-# kombu's Redis transport names (kombu.transport.redis.Channel): sharing them keeps redelivery interoperable.
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
-UNACKED_MUTEX = "unacked_mutex"
-
-#: KEYS: the queue's priority lists in consume order, then the unacked hash and index.
-#: ARGV: max messages, now, then messages already popped by BRPOP (to record them too).
-_FETCH = """
-local n = tonumber(ARGV[1])
-local out = {}
-for i = 3, #ARGV do out[#out + 1] = ARGV[i] end
-for i = 1, #KEYS - 2 do
-  while #out < n do
-    local m = redis.call('RPOP', KEYS[i])
-    if not m then break end
-    out[#out + 1] = m
-  end
-end
-for _, m in ipairs(out) do
-  local p = cjson.decode(m)['properties']
-  local d = p['delivery_info']
-  redis.call('ZADD', KEYS[#KEYS], ARGV[2], p['delivery_tag'])
-  redis.call('HSET', KEYS[#KEYS - 1], p['delivery_tag'],
-             '[' .. m .. ',' .. cjson.encode(d['exchange']) .. ',' .. cjson.encode(d['routing_key']) .. ']')
-end
-return out
-"""
-
 
 @dataclass
 class Delivery:
@@ -75,12 +48,14 @@ class Delivery:
     job_id: str
     task: str
     job: Any
+    cancelled: bool | None = None
+    """For predict jobs, marked running by the fetch: whether the job had been cancelled."""
 
 
-def decode(raw: bytes) -> Delivery:
+def decode(raw: bytes, cancelled: bool | None = None) -> Delivery:
     """A kombu message (Celery protocol 2) -> the task name, id and the ``job`` keyword argument."""
     msg = read_message(raw)
-    return Delivery(msg.tag, msg.task_id, msg.task, msg.kwargs.get("job"))
+    return Delivery(msg.tag, msg.task_id, msg.task, msg.kwargs.get("job"), cancelled)
 
 
 class DirectConsumer:
@@ -92,7 +67,8 @@ class DirectConsumer:
         self.lists = routing.redis_list_keys(queue)
         self.max_batch_size = max_batch_size
         self.visibility_timeout = visibility_timeout
-        self._fetch = self.redis.register_script(_FETCH)
+        self.fetcher = BatchFetcher(self.redis, self.lists, runtime.keys, runtime.worker_id,
+                                    runtime.settings.result_ttl_seconds, max_batch_size)
         self._stop = threading.Event()
         self._next_sweep = 0.0
 
@@ -103,23 +79,18 @@ class DirectConsumer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
 
-    def fetch(self, block_s: float = 1.0) -> list[Delivery | tuple[str, FleetError]]:
-        raws = self._fetch(keys=[*self.lists, UNACKED, UNACKED_INDEX], args=[self.max_batch_size, time.time()])
-        if not raws and block_s > 0:
-            popped = self.redis.brpop(self.lists, timeout=block_s)  # wakes as soon as a message arrives
-            if popped is None:
-                return []
-            raws = self._fetch(keys=[*self.lists, UNACKED, UNACKED_INDEX],
-                               args=[self.max_batch_size, time.time(), popped[1]])
+    def fetch(self, block_s: float = 1.0) -> tuple[list[Delivery | tuple[str, FleetError]], float]:
+        """The next batch, decoded, and when it was taken (predict jobs are marked running as of then)."""
+        batch = self.fetcher.fetch(block_s)
         out: list[Delivery | tuple[str, FleetError]] = []
-        for raw in raws:
+        for raw, cancelled in zip(batch.raws, batch.cancelled):
             try:
-                out.append(decode(raw))
+                out.append(decode(raw, cancelled))
             except Exception as exc:  # an undecodable message is acked and dropped, never retried forever
                 tag = delivery_tag(raw)
                 log.error("refused message %s: %s", tag, exc)
                 out.append((tag, as_fleet_error(exc)))
-        return out
+        return out, batch.started_at
 
     def _ack(self, tags: list[str]):
         def add(pipe: Any) -> None:
@@ -128,10 +99,11 @@ class DirectConsumer:
                 pipe.hdel(UNACKED, *tags)
         return add
 
-    def handle(self, batch: list[Delivery | tuple[str, FleetError]]) -> None:
+    def handle(self, batch: list[Delivery | tuple[str, FleetError]], started_at: float | None = None) -> None:
         refused = [tag for item in batch if isinstance(item, tuple) for tag in (item[0],)]
         predicts: list[tuple[str, PredictJob]] = []
         pred_tags: list[str] = []
+        pred_cancelled: list[bool] = []
         others: list[Delivery] = []
         for item in batch:
             if isinstance(item, tuple):
@@ -142,10 +114,15 @@ class DirectConsumer:
             try:
                 predicts.append((item.job_id, parse_job(PredictJob, item.job)))
                 pred_tags.append(item.tag)
+                pred_cancelled.append(bool(item.cancelled))
             except FleetError as err:
                 self.runtime.outcomes.finish([FinishedJob(item.job_id, None, err)], {}, self._ack([item.tag]))
         if predicts:
-            self.runtime.serve(predicts, also=self._ack(pred_tags + refused))
+            begun = None
+            if started_at is not None and all(i.cancelled is not None for i in batch
+                                              if isinstance(i, Delivery) and i.task == names.PREDICT):
+                begun = Begun(started_at, pred_cancelled)  # the fetch marked them running already
+            self.runtime.serve(predicts, also=self._ack(pred_tags + refused), begun=begun)
         elif refused:
             pipe = self.redis.pipeline(transaction=True)
             self._ack(refused)(pipe)
@@ -208,14 +185,14 @@ class DirectConsumer:
                 self.sweep()
                 self._next_sweep = time.monotonic() + max(1.0, self.visibility_timeout / 4)
             try:
-                batch = self.fetch()
+                batch, started_at = self.fetch()
             except Exception:
                 log.exception("fetching from Redis failed; retrying")
                 self._stop.wait(1.0)
                 continue
             if batch:
                 try:
-                    self.handle(batch)
+                    self.handle(batch, started_at)
                 except Exception:  # the batch stays unacked and comes back after the visibility timeout
                     log.exception("a batch of %d failed outside the jobs", len(batch))
 

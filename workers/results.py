@@ -20,6 +20,14 @@ from shared.stats import JobOutcome, StatsWriter
 
 
 @dataclass
+class Begun:
+    """Jobs already marked running (by the direct engine's fetch): when, and which had been cancelled."""
+
+    started_at: float
+    cancelled: list[bool]
+
+
+@dataclass
 class FinishedJob:
     job_id: str
     model_id: str | None

@@ -26,7 +26,7 @@ from shared.stats import JobOutcome, StatsWriter
 from shared import store_layout
 from workers.adapters import create_adapter
 from workers.adapters.base import ServingAdapter
-from workers.results import CeleryResultEncoder, FinishedJob, OutcomeWriter
+from workers.results import Begun, CeleryResultEncoder, FinishedJob, OutcomeWriter
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -137,15 +137,19 @@ class WorkerRuntime:
                     for j, o in zip(jobs, final)])
         return final, load_ms
 
-    def serve(self, items: Sequence[tuple[str, PredictJob]],
-              also: Callable[[Any], None] | None = None) -> list[PredictionResult | FleetError]:
-        """Serve predict jobs end to end: two Redis round trips for the whole batch.
+    def serve(self, items: Sequence[tuple[str, PredictJob]], also: Callable[[Any], None] | None = None,
+              begun: Begun | None = None) -> list[PredictionResult | FleetError]:
+        """Serve predict jobs end to end: two Redis round trips for the whole batch (one with ``begun``).
 
-        The first marks every job running (and reads cancellations); the second stores every result, final
-        record, event and the stats. Cancelled and expired jobs fail with their typed error without running.
+        The first marks every job running (and reads cancellations), unless the caller did (``begun``); the
+        second stores every result, final record, event and the stats. Cancelled and expired jobs fail with
+        their typed error without running.
         """
-        started = time.time()
-        cancelled = self.outcomes.begin([job_id for job_id, _ in items], self.worker_id, started)
+        if begun is None:
+            started = time.time()
+            cancelled = self.outcomes.begin([job_id for job_id, _ in items], self.worker_id, started)
+        else:
+            started, cancelled = begun.started_at, begun.cancelled
         outcomes: list[PredictionResult | FleetError | None] = [None] * len(items)
         runnable = []
         for k, ((job_id, job), was_cancelled) in enumerate(zip(items, cancelled)):
