@@ -42,7 +42,10 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         # NOTE: no STARTED state in the result backend: workers mark jobs running in the job record, in the same
         # round trip as the cancellation check, instead of one more write per job.
         task_track_started=False,
-        task_send_sent_event=True,
+        # NOTE: no task-sent events from producers: each is one more PUBLISH per job, made under a process-wide
+        # lock (it serialised a threaded producer; the benchmark found it). Flower learns of jobs from the
+        # workers' received / started / succeeded events.
+        task_send_sent_event=False,
         worker_send_task_events=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
