@@ -16,10 +16,10 @@ reads from the result alone (kind, worker and timings are then null).
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal, Mapping
 
+import orjson
 from pydantic import BaseModel, Field
 
 from shared.jobs import FINAL_STATUSES
@@ -73,7 +73,7 @@ def decode_meta(raw: Any) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        meta = json.loads(raw)
+        meta = orjson.loads(raw)
     except (ValueError, TypeError):
         log.warning("unreadable Celery result meta: %.200r", raw)
         return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import orjson
 
 from shared import routing
 from shared.errors import InvalidInputError
@@ -41,7 +42,7 @@ def priority_list(queue: str, broker_priority: int) -> str:
 
 
 def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, broker_priority: int,
-                 kwargsrepr: str = "") -> tuple[str, str]:
+                 kwargsrepr: str = "") -> tuple[str, bytes]:
     """One task message, msgpack-encoded: returns ``(list key, raw message)`` for an LPUSH.
 
     ``kwargsrepr`` is what Flower shows for the arguments (Celery would ``saferepr`` the whole payload).
@@ -64,7 +65,7 @@ def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, br
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return priority_list(queue, broker_priority), json.dumps(envelope, separators=(",", ":"))
+    return priority_list(queue, broker_priority), orjson.dumps(envelope)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TaskMessage:
 def delivery_tag(raw: bytes | str) -> str:
     """The message's delivery tag, or ``"unknown"`` for something that is not a kombu envelope."""
     try:
-        return json.loads(raw)["properties"]["delivery_tag"]
+        return orjson.loads(raw)["properties"]["delivery_tag"]
     except Exception:
         return "unknown"
 
@@ -90,9 +91,9 @@ def read_message(raw: bytes | str) -> TaskMessage:
 
     Raises:
         InvalidInputError: a content type other than JSON or msgpack (nothing is ever unpickled).
-        ValueError, KeyError: not a kombu envelope.
+        ValueError, KeyError, TypeError: not a kombu envelope.
     """
-    envelope = json.loads(raw)
+    envelope = orjson.loads(raw)  # kombu's envelope: plain JSON, never NaN
     headers, props = envelope.get("headers") or {}, envelope["properties"]
     body = envelope["body"]
     if props.get("body_encoding") == "base64":
