@@ -126,9 +126,16 @@ class BatchSettings(BaseSettings):
     enabled: bool = False
     """Batch predict jobs of the same model inside each worker (the worker then runs Celery's thread pool)."""
     max_batch_size: int = Field(32, ge=1)
-    """At most this many rows go through one forward."""
+    """At most this many jobs make one batch, and rows one forward."""
+    preferred_batch_size: int | None = Field(None, ge=1)
+    """Rows per forward when a batch holds more: the size the model runs fastest at here (see (a) in the benchmark)."""
     max_batch_delay_ms: float = Field(2.0, ge=0)
     """How long the first job of a batch waits for others to join it."""
+
+    @property
+    def forward_rows(self) -> int:
+        """Rows per forward: the preferred size, never above the max; the max when no preference is set."""
+        return min(self.preferred_batch_size or self.max_batch_size, self.max_batch_size)
 
 
 class FleetSettings(BaseSettings):
@@ -161,7 +168,7 @@ class FleetSettings(BaseSettings):
     api_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Bodies larger than this are refused with 413."""
     api_redis_max_connections: int = Field(2048, ge=8)
-    """Redis connections the API may hold (each request waiting on a job holds one for its subscription)."""
+    """Redis connections the API's pool may hold (for requests in flight; waits share one pub/sub connection)."""
     api_url: str = "http://127.0.0.1:8000"
     """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
     pools: str = "simple:cpu"

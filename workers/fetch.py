@@ -9,6 +9,9 @@ take two more round trips per batch:
 * for a predict job, marks its record running (worker, start time, the ``running`` event, as
   :meth:`shared.jobs.JobRecorder.running` writes them) and reads its cancel flag.
 
+Any other job (a load, an unload, a batch job) closes the batch: those run one at a time and take long, so a
+process holding two of them would leave the second waiting while another process idles.
+
 A message the script cannot read (not a kombu envelope) is returned as is, untouched, for the consumer to
 refuse: an error inside the script would leave the messages popped before it neither queued nor recorded.
 """
@@ -34,33 +37,37 @@ UNACKED_MUTEX = "unacked_mutex"
 _FETCH = """
 local n, now = tonumber(ARGV[1]), ARGV[2]
 local out, flags = {}, {}
-for i = 9, #ARGV do out[#out + 1] = ARGV[i] end
-for i = 1, #KEYS - 2 do
-  while #out < n do
-    local m = redis.call('RPOP', KEYS[i])
-    if not m then break end
-    out[#out + 1] = m
-  end
-end
-for k, m in ipairs(out) do
-  flags[k] = -1
+-- Records one message; returns false when it is a job other than a predict (load, unload, batch: long, run one
+-- at a time), which closes the batch so that the next such job goes to another, idle process.
+local function take(m)
+  out[#out + 1] = m
+  flags[#out] = -1
   local ok, env = pcall(cjson.decode, m)
   local p = ok and type(env) == 'table' and env['properties']
-  if type(p) == 'table' and type(p['delivery_tag']) == 'string' then
-    local d = type(p['delivery_info']) == 'table' and p['delivery_info'] or {}
-    redis.call('ZADD', KEYS[#KEYS], now, p['delivery_tag'])
-    redis.call('HSET', KEYS[#KEYS - 1], p['delivery_tag'],
-               '[' .. m .. ',' .. cjson.encode(d['exchange'] or '') .. ',' .. cjson.encode(d['routing_key'] or '') .. ']')
-    local h = type(env['headers']) == 'table' and env['headers'] or {}
-    local id = h['id']
-    if h['task'] == ARGV[8] and type(id) == 'string' then
-      local key = ARGV[5] .. id
-      redis.call('HSET', key, 'status', 'running', 'worker', ARGV[3], 'started_at', now)
-      redis.call('EXPIRE', key, ARGV[4])
-      redis.call('PUBLISH', ARGV[6] .. id,
-                 '{"job_id": ' .. cjson.encode(id) .. ', "status": "running", "ts": ' .. now .. '}')
-      flags[k] = redis.call('EXISTS', ARGV[7] .. id)
-    end
+  if type(p) ~= 'table' or type(p['delivery_tag']) ~= 'string' then return true end
+  local d = type(p['delivery_info']) == 'table' and p['delivery_info'] or {}
+  redis.call('ZADD', KEYS[#KEYS], now, p['delivery_tag'])
+  redis.call('HSET', KEYS[#KEYS - 1], p['delivery_tag'],
+             '[' .. m .. ',' .. cjson.encode(d['exchange'] or '') .. ',' .. cjson.encode(d['routing_key'] or '') .. ']')
+  local h = type(env['headers']) == 'table' and env['headers'] or {}
+  local id = h['id']
+  if h['task'] ~= ARGV[8] then return false end
+  if type(id) == 'string' then
+    local key = ARGV[5] .. id
+    redis.call('HSET', key, 'status', 'running', 'worker', ARGV[3], 'started_at', now)
+    redis.call('EXPIRE', key, ARGV[4])
+    redis.call('PUBLISH', ARGV[6] .. id, '{"job_id": ' .. cjson.encode(id) .. ', "status": "running", "ts": ' .. now .. '}')
+    flags[#out] = redis.call('EXISTS', ARGV[7] .. id)
+  end
+  return true
+end
+local open = true
+for i = 9, #ARGV do open = take(ARGV[i]) and open end
+for i = 1, #KEYS - 2 do
+  while open and #out < n do
+    local m = redis.call('RPOP', KEYS[i])
+    if not m then break end
+    open = take(m)
   end
 end
 return {out, flags}

@@ -38,8 +38,11 @@ def test_a_batch_is_taken_recorded_and_marked_running_in_one_call(fetcher, redis
     redis_client.set(keys.job_cancelled("p2"), 1)
     batch = fetch.fetch(block_s=0)
     ids = [json.loads(r)["headers"]["id"] for r in batch.raws]
-    assert ids == ["p1", "l1", "p2"]  # FIFO within a priority list, list 0 before list 3
-    assert batch.cancelled == [False, None, True]
+    # FIFO within a priority list, list 0 before list 3; a job other than a predict closes the batch
+    assert ids == ["p1", "l1"] and batch.cancelled == [False, None]
+    assert redis_client.llen(f"{QUEUE}:3") == 1
+    rest = fetch.fetch(block_s=0)
+    assert [json.loads(r)["headers"]["id"] for r in rest.raws] == ["p2"] and rest.cancelled == [True]
     assert redis_client.llen(QUEUE) == 0 and redis_client.llen(f"{QUEUE}:3") == 0
     # kombu's unacked bookkeeping: [message, exchange, routing key], indexed by the fetch time
     assert sorted(t.decode() for t in redis_client.zrange(UNACKED_INDEX, 0, -1)) == sorted(tags)
@@ -53,6 +56,16 @@ def test_a_batch_is_taken_recorded_and_marked_running_in_one_call(fetcher, redis
     event = json.loads(pubsub.get_message(timeout=1)["data"])
     assert event["job_id"] == "p1" and event["status"] == "running"
     pubsub.close()
+
+
+def test_a_long_job_popped_by_the_blocking_pop_takes_nothing_else(fetcher, redis_client) -> None:
+    fetch, _ = fetcher
+    assert fetch.fetch(block_s=0.05).raws == []
+    push(redis_client, tasks.BATCH_PREDICT, "b1")
+    push(redis_client, tasks.PREDICT, "p5")
+    popped = redis_client.brpop([QUEUE], timeout=1)[1]
+    batch = fetch._run([popped])
+    assert [json.loads(r)["headers"]["id"] for r in batch.raws] == ["b1"] and redis_client.llen(QUEUE) == 1
 
 
 def test_an_unreadable_message_does_not_stop_the_batch(fetcher, redis_client) -> None:

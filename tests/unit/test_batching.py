@@ -132,3 +132,47 @@ def test_jobs_streaming_in_one_by_one_are_still_batched() -> None:
     batcher.close()
     assert [o.predictions for o in outcomes] == [[[float(i)]] for i in range(20)]
     assert len(rec.sizes) < 20 and max(rec.sizes) > 2
+
+
+class _RowsAdapter:
+    """A loaded-model stand-in that records how many rows each forward got."""
+
+    def __init__(self) -> None:
+        self.forwards: list[int] = []
+
+    def touch(self, model_id: str) -> bool:
+        return True
+
+    def list_loaded_models(self) -> list:
+        return []
+
+    def cache_counters(self) -> dict[str, int]:
+        return {"hits": 0, "misses": 0, "evictions": 0}
+
+    def predict_many(self, model_id, requests):
+        from shared.schemas import ModelInfo, PredictionResult
+
+        self.forwards.append(len(requests))
+        info = ModelInfo(model_id=model_id, symbol="AAPL", timeframe="1h", model_type="patchtst", model_path="-")
+        return [PredictionResult(predictions=[[float(len(self.forwards))]], confidence_score=0.0,
+                                 inference_time_ms=1.0, model_info=info) for _ in requests]
+
+
+@pytest.mark.parametrize("preferred, forwards", [(None, [20]), (8, [8, 8, 4]), (64, [20])])
+def test_a_batch_runs_as_forwards_of_the_preferred_size(preferred, forwards) -> None:
+    import fakeredis
+
+    from shared.schemas import PredictJob
+    from shared.settings import BatchSettings, FleetSettings
+    from workers.runtime import WorkerRuntime
+
+    settings = FleetSettings(_env_file=None, redis_key_prefix="t",
+                             batch=BatchSettings(max_batch_size=32, preferred_batch_size=preferred))
+    adapter = _RowsAdapter()
+    runtime = WorkerRuntime(settings, "w|1", redis=fakeredis.FakeRedis(), adapters={("simple", "cpu"): adapter})
+    jobs = [PredictJob(symbol="AAPL", timeframe="1h", model_type="patchtst", inputs={"series": [[1.0]]})
+            for _ in range(20)]
+    outcomes, _ = runtime.predict_many(jobs)
+    assert adapter.forwards == forwards
+    # every job still has its own outcome, from the forward it was part of
+    assert [o.predictions[0][0] for o in outcomes] == [float(1 + i // (preferred or 32)) for i in range(20)]
