@@ -78,12 +78,16 @@ class TaskMessage:
     kwargs: dict[str, Any]
 
 
-def delivery_tag(raw: bytes | str) -> str:
-    """The message's delivery tag, or ``"unknown"`` for something that is not a kombu envelope."""
+def message_ids(raw: bytes | str) -> tuple[str, str | None]:
+    """The message's delivery tag and task id, read from the envelope alone (the body may be unreadable):
+    ``("unknown", None)`` for something that is not a kombu envelope."""
     try:
-        return orjson.loads(raw)["properties"]["delivery_tag"]
+        envelope = orjson.loads(raw)
+        tag = envelope["properties"]["delivery_tag"]
     except Exception:
-        return "unknown"
+        return "unknown", None
+    task_id = (envelope.get("headers") or {}).get("id") if isinstance(envelope.get("headers"), dict) else None
+    return str(tag), task_id if isinstance(task_id, str) else None
 
 
 def read_message(raw: bytes | str) -> TaskMessage:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import routing
-from shared.celery_wire import delivery_tag, priority_list, read_message
+from shared.celery_wire import message_ids, priority_list, read_message
 from shared import tasks as names
 from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
@@ -50,6 +50,15 @@ class Delivery:
     job: Any
     cancelled: bool | None = None
     """For predict jobs, marked running by the fetch: whether the job had been cancelled."""
+
+
+@dataclass
+class Refused:
+    """A message that could not be read (pickle, say): acknowledged, and its job failed when its id is known."""
+
+    tag: str
+    job_id: str | None
+    error: FleetError
 
 
 def decode(raw: bytes, cancelled: bool | None = None) -> Delivery:
@@ -79,17 +88,17 @@ class DirectConsumer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
 
-    def fetch(self, block_s: float = 1.0) -> tuple[list[Delivery | tuple[str, FleetError]], float]:
+    def fetch(self, block_s: float = 1.0) -> tuple[list[Delivery | Refused], float]:
         """The next batch, decoded, and when it was taken (predict jobs are marked running as of then)."""
         batch = self.fetcher.fetch(block_s)
-        out: list[Delivery | tuple[str, FleetError]] = []
+        out: list[Delivery | Refused] = []
         for raw, cancelled in zip(batch.raws, batch.cancelled):
             try:
                 out.append(decode(raw, cancelled))
-            except Exception as exc:  # an undecodable message is acked and dropped, never retried forever
-                tag = delivery_tag(raw)
-                log.error("refused message %s: %s", tag, exc)
-                out.append((tag, as_fleet_error(exc)))
+            except Exception as exc:  # an undecodable message is acked and failed, never retried forever
+                tag, job_id = message_ids(raw)
+                log.error("refused message %s (job %s): %s", tag, job_id, exc)
+                out.append(Refused(tag, job_id, as_fleet_error(exc)))
         return out, batch.started_at
 
     def _ack(self, tags: list[str]):
@@ -99,34 +108,36 @@ class DirectConsumer:
                 pipe.hdel(UNACKED, *tags)
         return add
 
-    def handle(self, batch: list[Delivery | tuple[str, FleetError]], started_at: float | None = None) -> None:
-        refused = [tag for item in batch if isinstance(item, tuple) for tag in (item[0],)]
+    def handle(self, batch: list[Delivery | Refused], started_at: float | None = None) -> None:
         predicts: list[tuple[str, PredictJob]] = []
         pred_tags: list[str] = []
         pred_cancelled: list[bool] = []
         others: list[Delivery] = []
+        failed: list[FinishedJob] = []  # refused messages and predict payloads that do not fit the schema
+        failed_tags: list[str] = []
         for item in batch:
-            if isinstance(item, tuple):
-                continue
-            if item.task != names.PREDICT:
+            if isinstance(item, Refused):
+                failed_tags.append(item.tag)
+                if item.job_id:
+                    failed.append(FinishedJob(item.job_id, None, item.error))
+            elif item.task != names.PREDICT:
                 others.append(item)
-                continue
-            try:
-                predicts.append((item.job_id, parse_job(PredictJob, item.job)))
-                pred_tags.append(item.tag)
-                pred_cancelled.append(bool(item.cancelled))
-            except FleetError as err:
-                self.runtime.outcomes.finish([FinishedJob(item.job_id, None, err)], {}, self._ack([item.tag]))
+            else:
+                try:
+                    predicts.append((item.job_id, parse_job(PredictJob, item.job)))
+                    pred_tags.append(item.tag)
+                    pred_cancelled.append(bool(item.cancelled))
+                except FleetError as err:
+                    failed.append(FinishedJob(item.job_id, None, err))
+                    failed_tags.append(item.tag)
+        if failed_tags:
+            self.runtime.outcomes.finish(failed, {}, self._ack(failed_tags))
         if predicts:
             begun = None
             if started_at is not None and all(i.cancelled is not None for i in batch
                                               if isinstance(i, Delivery) and i.task == names.PREDICT):
                 begun = Begun(started_at, pred_cancelled)  # the fetch marked them running already
-            self.runtime.serve(predicts, also=self._ack(pred_tags + refused), begun=begun)
-        elif refused:
-            pipe = self.redis.pipeline(transaction=True)
-            self._ack(refused)(pipe)
-            pipe.execute()
+            self.runtime.serve(predicts, also=self._ack(pred_tags), begun=begun)
         for item in others:  # loads, unloads and batch jobs: rare and long, one at a time
             self._run_other(item)
 

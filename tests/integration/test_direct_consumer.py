@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
 import numpy as np
 from celery.result import AsyncResult
@@ -81,3 +82,28 @@ def test_direct_engine_does_not_run_a_job_cancelled_while_queued(start_worker, p
     start_worker(engine="direct", concurrency=1)
     result.get(timeout=60, propagate=False)
     assert result.state == "FAILURE" and type(result.result).__name__ == "JobCancelledError"
+
+
+def test_direct_engine_fails_a_pickled_job_with_a_typed_error(start_worker, producer, fleet_settings) -> None:
+    # Celery's own worker drops such a message with a log line; the direct engine also fails the job, so that
+    # a client waiting on it gets an answer instead of a timeout.
+    from kombu import Exchange, Producer
+
+    from shared import routing
+
+    start_worker(engine="direct", concurrency=1)
+    job_id, queue = f"pickled-{uuid.uuid4()}", routing.queue_name("simple", "cpu")
+    with producer.connection_for_write() as conn:  # the app's transport options (priority lists, separator)
+        Producer(conn).publish(
+            {"job": "whatever"}, serializer="pickle", exchange=Exchange(routing.QUEUE_PREFIX, type="direct"),
+            routing_key=queue, declare=[q for q in routing.all_queues() if q.name == queue],
+            headers={"task": tasks.PREDICT, "id": job_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+    res = AsyncResult(job_id, app=producer)
+    res.get(timeout=60, propagate=False)
+    assert res.state == "FAILURE" and type(res.result).__name__ == "InvalidInputError"
+    assert "pickle" in str(res.result) or "content type" in str(res.result)
+    keys = Keys(fleet_settings.redis_key_prefix)
+    assert wait_for(lambda: producer.backend.client.hget(keys.job(job_id), "status") == b"failed", 10, "record")
+    ok = producer.send_task(tasks.PREDICT, kwargs={"job": {**KEY, "inputs": {"series": series(3)}}})
+    assert np.isfinite(np.asarray(ok.get(timeout=60)["predictions"])).all()
+    assert not producer.backend.client.hlen("unacked"), "the refused message was acknowledged"
