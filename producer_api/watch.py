@@ -48,6 +48,7 @@ class JobChannels:
         self._pubsub: Any = None
         self._write = asyncio.Lock()
         self._reader: asyncio.Task | None = None
+        self._unsubscribing: set[asyncio.Task] = set()  # held: the loop keeps only weak references to tasks
 
     def start(self) -> None:
         if self._reader is None:
@@ -58,6 +59,7 @@ class JobChannels:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+        await asyncio.gather(*self._unsubscribing, return_exceptions=True)
         await self._drop_connection()
 
     async def add(self, channels: tuple[str, ...], queue: asyncio.Queue) -> None:
@@ -103,15 +105,18 @@ class JobChannels:
                 self._confirmed.pop(ch, None)
                 gone.append(ch)
         if gone and self._pubsub is not None:
-            asyncio.get_running_loop().create_task(self._unsubscribe(gone))
+            task = asyncio.get_running_loop().create_task(self._unsubscribe(gone))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
 
     async def _unsubscribe(self, channels: list[str]) -> None:
-        channels = [ch for ch in channels if ch not in self._watchers]  # someone may have come back
-        if not channels or self._pubsub is None:
-            return
         try:
             async with self._write:
-                await self._pubsub.unsubscribe(*channels)
+                # NOTE: checked under the lock: a watcher that came back for a channel meanwhile has sent (or
+                # will send, after this) its own SUBSCRIBE, and must not be unsubscribed behind its back.
+                channels = [ch for ch in channels if ch not in self._watchers]
+                if channels and self._pubsub is not None:
+                    await self._pubsub.unsubscribe(*channels)
         except Exception as exc:  # the connection is gone; a new one subscribes only live channels
             log.debug("unsubscribe failed: %s", exc)
 
