@@ -57,7 +57,9 @@ def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, br
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
             "parent_id": None, "argsrepr": "()", "kwargsrepr": kwargsrepr or "{'job': ...}", "origin": _ORIGIN,
-            "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+            # NOTE: None, not False: Celery 5.7 workers let an explicit False override the task's own
+            # ignore_result, and the predict task stores its result itself (a second write would replace it).
+            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
         },
         "properties": {
             "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,

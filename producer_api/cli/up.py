@@ -162,6 +162,12 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
             dead = [c.name for c in children.values() if not c.alive()]
             if dead:
                 raise click.ClickException(f"{', '.join(dead)} stopped unexpectedly; see {logs}")
+    except Exception:
+        # NOTE: the abort's KeyboardInterrupt can land inside an import (numpy turns it into an ImportError):
+        # after a Ctrl-C, whatever start-up step failed, the user asked to stop, and that is what is reported.
+        if _ABORTED.is_set():
+            raise KeyboardInterrupt from None
+        raise
     finally:
         _on_signals(lambda *_: stop.set())
         console.print("Stopping the fleet...")
@@ -173,7 +179,12 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
         console.print("[green]Stopped.")
 
 
+#: Set once a signal aborted the start-up.
+_ABORTED = threading.Event()
+
+
 def _abort(*_: Any) -> None:
+    _ABORTED.set()
     raise KeyboardInterrupt  # click reports it as "Aborted!" with exit code 1
 
 
