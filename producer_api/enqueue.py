@@ -1,8 +1,7 @@
 """Enqueueing jobs: validate, check the store, record, send. The routes only decode and encode around this.
 
-The order matters: the record is written (``queued``) before the message is sent, so a worker that takes the
-job at once always finds a record to update; if the broker refuses the message the record is dropped again
-and the client gets a 503.
+The ``queued`` record and the message go in one MULTI (see :func:`submit`): a worker that takes the job at
+once always finds a record to update, and with Redis down neither is written and the client gets a 503.
 """
 
 from __future__ import annotations
@@ -96,11 +95,6 @@ def _model_id(job: BaseModel) -> str:
     return job.model_id  # type: ignore[attr-defined]
 
 
-def _kwargsrepr(kind: str, job: BaseModel) -> str:
-    # What Flower shows for the arguments; Celery would saferepr the whole payload (series included).
-    return f"{{'job': <{kind} {_model_id(job)}>}}"
-
-
 async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None = None) -> tuple[str, float]:
     """Record and enqueue a validated job in one MULTI; returns its id and enqueue time.
 
@@ -117,11 +111,13 @@ async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None 
     adapter = payload.get("adapter") or ctx.settings.serving_adapter_type
     device = payload.get("device") or ctx.settings.default_device
     enqueued_at = payload.get("enqueued_at") or time.time()
+    model_id = _model_id(job)
+    # kwargsrepr is what Flower shows for the arguments; Celery would saferepr the whole payload, series included.
     list_key, message = celery_wire.task_message(task_name, job_id, {"job": payload}, queue,
                                                  routing.broker_priority(payload.get("priority", 5)),
-                                                 kwargsrepr=_kwargsrepr(kind, job))
+                                                 kwargsrepr=f"{{'job': <{kind} {model_id}>}}")
     pipe = ctx.redis.pipeline(transaction=True)
-    ctx.records.enqueued(pipe, job_id, kind, _model_id(job), adapter, device, queue, enqueued_at)
+    ctx.records.enqueued(pipe, job_id, kind, model_id, adapter, device, queue, enqueued_at)
     pipe.lpush(list_key, message)
     try:
         await pipe.execute()

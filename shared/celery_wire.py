@@ -34,13 +34,6 @@ DECODABLE = frozenset({MSGPACK, "application/msgpack", JSON})
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-def priority_list(queue: str, broker_priority: int) -> str:
-    """The list kombu keeps messages of ``broker_priority`` (0 = served first) in (its ``_q_for_pri``)."""
-    clamped = max(0, min(int(broker_priority or 0), routing.PRIORITY_STEPS[-1]))
-    step = max(s for s in routing.PRIORITY_STEPS if s <= clamped)
-    return queue if step == 0 else f"{queue}{routing.PRIORITY_SEP}{step}"
-
-
 def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, broker_priority: int,
                  kwargsrepr: str = "") -> tuple[str, bytes]:
     """One task message, msgpack-encoded: returns ``(list key, raw message)`` for an LPUSH.
@@ -67,7 +60,7 @@ def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, br
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return priority_list(queue, broker_priority), orjson.dumps(envelope)
+    return routing.priority_list(queue, broker_priority), orjson.dumps(envelope)
 
 
 @dataclass

@@ -77,9 +77,19 @@ def pools_from_spec(spec: str) -> list[str]:
     return queues
 
 
+def _step_list(queue: str, step: int) -> str:
+    return queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+
+
 def redis_list_keys(queue: str) -> list[str]:
     """The Redis lists kombu keeps for one queue, one per priority step (to measure queue depth)."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+    return [_step_list(queue, step) for step in PRIORITY_STEPS]
+
+
+def priority_list(queue: str, broker_priority: int) -> str:
+    """The list kombu keeps messages of ``broker_priority`` (0 = served first) in (its ``_q_for_pri``)."""
+    clamped = max(0, min(int(broker_priority or 0), PRIORITY_STEPS[-1]))
+    return _step_list(queue, max(s for s in PRIORITY_STEPS if s <= clamped))
 
 
 def route_task(name: str, args: Iterable[Any], kwargs: dict[str, Any], options: dict[str, Any],

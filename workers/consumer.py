@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import routing
-from shared.celery_wire import message_ids, priority_list, read_message
+from shared.celery_wire import message_ids, read_message
 from shared import tasks as names
 from shared.errors import FleetError, InvalidInputError, JobCancelledError, as_fleet_error
 from shared.schemas import BatchPredictJob, LoadJob, PredictJob, UnloadJob
@@ -111,7 +111,7 @@ class DirectConsumer:
     def handle(self, batch: list[Delivery | Refused], started_at: float | None = None) -> None:
         predicts: list[tuple[str, PredictJob]] = []
         pred_tags: list[str] = []
-        pred_cancelled: list[bool] = []
+        pred_cancelled: list[bool | None] = []
         others: list[Delivery] = []
         failed: list[FinishedJob] = []  # refused messages and predict payloads that do not fit the schema
         failed_tags: list[str] = []
@@ -126,7 +126,7 @@ class DirectConsumer:
                 try:
                     predicts.append((item.job_id, parse_job(PredictJob, item.job)))
                     pred_tags.append(item.tag)
-                    pred_cancelled.append(bool(item.cancelled))
+                    pred_cancelled.append(item.cancelled)
                 except FleetError as err:
                     failed.append(FinishedJob(item.job_id, None, err))
                     failed_tags.append(item.tag)
@@ -134,9 +134,8 @@ class DirectConsumer:
             self.runtime.outcomes.finish(failed, {}, self._ack(failed_tags))
         if predicts:
             begun = None
-            if started_at is not None and all(i.cancelled is not None for i in batch
-                                              if isinstance(i, Delivery) and i.task == names.PREDICT):
-                begun = Begun(started_at, pred_cancelled)  # the fetch marked them running already
+            if started_at is not None and None not in pred_cancelled:  # the fetch marked them running already
+                begun = Begun(started_at, [bool(c) for c in pred_cancelled])
             self.runtime.serve(predicts, also=self._ack(pred_tags), begun=begun)
         for item in others:  # loads, unloads and batch jobs: rare and long, one at a time
             self._run_other(item)
@@ -178,7 +177,7 @@ class DirectConsumer:
                 if raw:
                     payload, _exchange, routing_key = json.loads(raw)
                     payload.setdefault("headers", {})["redelivered"] = True
-                    pipe.rpush(priority_list(routing_key, payload.get("properties", {}).get("priority") or 0),
+                    pipe.rpush(routing.priority_list(routing_key, payload.get("properties", {}).get("priority") or 0),
                                json.dumps(payload))
                     restored += 1
                 pipe.execute()

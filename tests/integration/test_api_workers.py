@@ -16,6 +16,8 @@ import redis as redis_lib
 from producer_api.app import create_app, create_redis
 from shared import celery_wire, routing, tasks
 from shared.celery_app import create_celery_app
+from shared.keys import Keys
+from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +70,11 @@ async def test_api_jobs_are_served_by_both_engines(api, start_worker, redis_clie
     doc = await resp.json()
     assert resp.status == 200 and doc["status"] == "succeeded", doc["error"]
     assert np.asarray(doc["result"]["predictions"]).shape[1] == SERIES.shape[1]
-    # The stored result is the forecast itself: a Celery worker never writes its task summary over it.
-    await asyncio.sleep(0.5)
+    # The stored result is the forecast itself: a Celery worker never writes its task summary over it. Both
+    # engines acknowledge only after every write of theirs, so once the message is acked nothing comes later.
+    async def acked() -> bool:
+        return redis_client.hlen("unacked") == 0 and redis_client.llen(routing.queue_name("simple", "cpu")) == 0
+    await wait_for_async(acked, 10, "the job's message to be acknowledged")
     again = await (await api.get(f"/v1/jobs/{doc['job_id']}")).json()
     assert again["status"] == "succeeded" and again["result"]["predictions"] == doc["result"]["predictions"]
     # Many requests waiting at once share one pub/sub connection, and each gets its own job's document.
@@ -90,8 +95,11 @@ async def test_watch_survives_a_dropped_connection(api, start_worker, fleet_sett
     resp = await api.post("/v1/predict", data=tensor_body(), headers={"Content-Type": "application/msgpack"})
     job_id = (await resp.json())["job_id"]
     waiter = asyncio.create_task(api.get(f"/v1/jobs/{job_id}?wait=30"))
-    await asyncio.sleep(0.3)
     killer = redis_lib.Redis.from_url(fleet_settings.redis_url)
+
+    async def watching() -> bool:  # the wait's subscription is live on the shared connection
+        return killer.pubsub_numsub(Keys.celery_result(job_id))[0][1] == 1
+    await wait_for_async(watching, 10, "the wait to subscribe")
     assert killer.client_kill_filter(_type="pubsub") >= 1
     start_worker(engine="direct", concurrency=1)
     resp = await asyncio.wait_for(waiter, 40)
@@ -115,6 +123,6 @@ async def test_submit_without_a_live_redis_is_503(fleet_settings) -> None:
 
 
 def test_priority_lists_follow_kombu() -> None:
-    assert [celery_wire.priority_list("q", p) for p in range(10)] == \
+    assert [routing.priority_list("q", p) for p in range(10)] == \
         ["q", "q", "q", "q:3", "q:3", "q:3", "q:6", "q:6", "q:6", "q:9"]
     assert routing.redis_list_keys("q") == ["q", "q:3", "q:6", "q:9"]
