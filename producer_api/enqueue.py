@@ -107,9 +107,8 @@ async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None 
     _, task_name = KINDS[kind]
     job_id = job_id or str(uuid.uuid4())
     payload = job.model_dump()
-    queue = routing.queue_for_job(payload, ctx.settings)
-    adapter = payload.get("adapter") or ctx.settings.serving_adapter_type
-    device = payload.get("device") or ctx.settings.default_device
+    adapter, device = routing.pool_of(payload.get("adapter"), payload.get("device"), ctx.settings)
+    queue = routing.queue_name(adapter, device)
     enqueued_at = payload.get("enqueued_at") or time.time()
     model_id = _model_id(job)
     # kwargsrepr is what Flower shows for the arguments; Celery would saferepr the whole payload, series included.

@@ -1,10 +1,10 @@
 """API errors and the one middleware that turns every failure into the fleet's JSON error shape.
 
-Every error body is ``{"error": {"type", "message", "field"?}}``. Handlers raise; they never build error
+Every error body is ``{"error": {"type", "message", "retryable", "field"?}}``. Handlers raise; they never build error
 responses themselves. Typed fleet errors carry their HTTP status (request validation raises them through
 :func:`validation_error`); aiohttp's own HTTP exceptions (unknown route, wrong method, body too large) are
-mapped here, and Redis or broker outages become 503 at once. Anything else is a bug: it is logged with its traceback and answered as a 500
-``InternalError`` without leaking details.
+mapped here, and Redis or broker outages become 503 at once. Anything else is a bug: it is logged with its
+traceback and answered as a 500 ``InternalError`` without leaking details.
 """
 
 from __future__ import annotations

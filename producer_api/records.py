@@ -49,15 +49,8 @@ class JobRecords:
         pipe.publish(self.keys.job_events(job_id), event_message(job_id, "cancelled", error=CANCELLED_ERROR))
         await pipe.execute()
 
-    async def document(self, job_id: str, final_meta: bytes | None = None) -> JobDocument | None:
-        """The job document now (record + Celery meta, read together); None for an unknown job.
-
-        ``final_meta``: the job's final result meta as published with it; the result is final, so only the
-        record (written in the same MULTI by workers) is read.
-        """
-        if final_meta is not None:
-            record = await self.redis.hgetall(self.keys.job(job_id))
-            return build_document(job_id, decode_hash(record or {}), decode_meta(final_meta))
+    async def document(self, job_id: str) -> JobDocument | None:
+        """The job document now (record + Celery meta, read together); None for an unknown job."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(self.keys.job(job_id))
         pipe.get(self.keys.celery_result(job_id))

@@ -1,10 +1,10 @@
 """Watching jobs without polling: one shared Redis pub/sub connection for every waiting request.
 
-A job changes state in two places, and both announce it: the result meta is PUBLISHed on
-``celery-task-meta-<id>`` as it is stored (by Celery's Redis backend, or by the fleet's own outcome writer in
-the same form), and the fleet publishes each record change on ``Keys.job_events(id)``. A watch subscribes to
-both and waits for the subscription to be *confirmed* before anything reads the job or enqueues it, so a change
-that lands in between still wakes it.
+Every change of a job is announced on its event channel ``Keys.job_events(id)``: the worker's executor
+publishes the final event in the same MULTI that stores the result and the record, so a watcher woken by it
+always finds both. An event is a small JSON object whose ``status`` field says whether the job ended. A watch
+subscribes and waits for the subscription to be *confirmed* before anything reads the job or enqueues it, so a
+change that lands in between still wakes it.
 
 Why one connection: a subscription per request costs a pooled connection, and closing it drops the socket, so
 every ``?wait`` paid a TCP connect and the client's handshake. :class:`JobChannels` multiplexes: it subscribes
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any, AsyncIterator
+
+import orjson
 
 from producer_api.jobdoc import JobDocument
 from producer_api.records import JobRecords
 from shared.jobs import FINAL_STATUSES
-from shared.keys import CELERY_RESULT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 RECHECK_S = 2.0
 #: Seconds to wait for Redis to confirm a subscription before answering 503.
 CONFIRM_TIMEOUT_S = 2.0
-#: Celery states after which a result no longer changes.
-_READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 #: What a watcher's queue receives when the connection was lost: re-read, something may have been missed.
 RESET = ("", b"")
 
@@ -180,23 +178,19 @@ class JobChannels:
                 self._dispatch(message)
 
 
-#: The first ``"status": "..."`` of a message. Celery's meta and the fleet's events both put their status
-#: before any nested object, so the first match is the top-level one; it saves parsing a whole forecast.
-_STATUS = re.compile(rb'"status": ?"([A-Za-z_]+)"')
-
-
 def announces_final(channel: str, data: bytes | str) -> bool:
-    """Whether a message says its job ended (a ready Celery state, or a final record status).
+    """Whether an event says its job ended: its ``status`` field is a final one.
 
-    Messages without a readable status count as final: the watcher re-reads the job, which is the safe side.
+    Events are small JSON objects (see :func:`shared.jobs.event_message`); one that cannot be read counts as
+    final: the watcher re-reads the job, which is the safe side.
     """
     if not channel:
         return True  # RESET
-    found = _STATUS.search(data[:200] if isinstance(data, bytes) else data[:200].encode())
-    if found is None:
+    try:
+        status = orjson.loads(data).get("status")
+    except (orjson.JSONDecodeError, AttributeError):
         return True
-    status = found.group(1).decode()
-    return status in (_READY_STATES if channel.startswith(CELERY_RESULT_PREFIX) else FINAL_STATUSES)
+    return status in FINAL_STATUSES
 
 
 class JobWatch:
@@ -206,7 +200,7 @@ class JobWatch:
         self.hub = channels
         self.records = records
         self.job_id = job_id
-        self.channels = (records.keys.celery_result(job_id), records.keys.job_events(job_id))
+        self.channels = (records.keys.job_events(job_id),)
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def __aenter__(self) -> "JobWatch":
@@ -220,21 +214,15 @@ class JobWatch:
         """The document now; :class:`JobNotFoundError` for an unknown job."""
         return await self.records.require(self.job_id)
 
-    async def _next(self, final_only: bool) -> bytes | None:
-        """Wait for the next message (the next final-looking one when ``final_only``), at most RECHECK_S.
-
-        Returns the message when it is the job's final result meta (the reader need not fetch it again).
-        """
+    async def _next(self, final_only: bool) -> None:
+        """Wait for the next event (the next final one when ``final_only``), at most RECHECK_S."""
         while True:
             try:
                 channel, data = await asyncio.wait_for(self.queue.get(), RECHECK_S)
             except TimeoutError:
-                return None
-            final = announces_final(channel, data)
-            if final and channel == self.channels[0]:
-                return data
-            if final or not final_only:
-                return None
+                return
+            if not final_only or announces_final(channel, data):
+                return
 
     async def changes(self, first: JobDocument, final_only: bool = False) -> AsyncIterator[JobDocument]:
         """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last.
@@ -243,8 +231,8 @@ class JobWatch:
         """
         last = first
         while not last.final:
-            meta = await self._next(final_only)
-            doc = await self.records.document(self.job_id, meta)
+            await self._next(final_only)
+            doc = await self.records.document(self.job_id)
             if doc is not None and doc != last:
                 last = doc
                 yield doc

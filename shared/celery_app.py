@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from shared import routing
-from shared.settings import FleetSettings, get_settings
+from shared.settings import FleetSettings, get_settings, soft_time_limit
 
 #: Serializers the fleet speaks. Pickle is never accepted: a pickled message is refused by the consumer.
 ACCEPTED_CONTENT = ["json", "msgpack"]
@@ -36,7 +36,7 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         # process waits. Batching pools raise it on purpose (they need several jobs in hand to batch).
         worker_prefetch_multiplier=1,
         task_time_limit=hard_limit,
-        task_soft_time_limit=hard_limit - min(30, max(1, hard_limit // 10)),
+        task_soft_time_limit=soft_time_limit(hard_limit),
         result_expires=settings.result_ttl_seconds,
         result_extended=False,
         # NOTE: no STARTED state in the result backend: workers mark jobs running in the job record, in the same

@@ -27,7 +27,7 @@ class FleetError(Exception):
         return type(self).__name__
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.type, "message": self.message}
+        body: dict[str, Any] = {"type": self.type, "message": self.message, "retryable": self.retryable}
         if self.field:
             body["field"] = self.field
         return body
@@ -81,6 +81,18 @@ class DeadlineExceededError(FleetError):
     """The job's deadline passed before a worker could run it."""
 
     http_status = 504
+
+
+class JobTimeoutError(FleetError):
+    """The job ran past its time limit (``JOB_TIME_LIMIT_SECONDS``) and was stopped."""
+
+    http_status = 504
+
+
+class DeliveryLimitExceededError(FleetError):
+    """The job was delivered ``JOB_MAX_DELIVERIES`` times and never finished (each run killed its process)."""
+
+    http_status = 500
 
 
 class JobCancelledError(FleetError):

@@ -7,7 +7,11 @@ Celery's result backend keeps the result or the error; the API joins both into t
 Record fields (all strings in one Redis hash): ``kind``, ``model_id``, ``adapter``, ``device``, ``queue``,
 ``status`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``, ``started_at``,
 ``finished_at`` (unix seconds), ``worker``, ``load_ms``, ``inference_ms``, ``progress_done``,
-``progress_total``, ``error`` (JSON ``{type, message}``).
+``progress_total``, ``deliveries`` (how many times a worker took the job), ``error`` (JSON ``{type, message}``).
+
+One writer per field: the producer writes the first five and ``enqueued_at``; the worker's begin script
+(:mod:`workers.executor.begin`) ``running``, ``worker``, ``started_at`` and ``deliveries``; the worker's outcome
+writer the rest; the API only the ``cancelled`` status of a job it cancels while queued.
 """
 
 from __future__ import annotations
@@ -53,20 +57,8 @@ class JobRecorder:
         if own:
             pipe.execute()
 
-    def enqueued(self, job_id: str, kind: str, model_id: str, adapter: str, device: str, queue: str,
-                 enqueued_at: float) -> None:
-        self._write(job_id, {"kind": kind, "model_id": model_id, "adapter": adapter, "device": device,
-                             "queue": queue, "status": "queued", "enqueued_at": enqueued_at}, "queued")
-
-    def running(self, job_id: str, worker: str, started_at: float, total: int | None = None,
-                pipe: Any = None) -> None:
-        fields: dict[str, Any] = {"status": "running", "worker": worker, "started_at": started_at}
-        if total is not None:
-            fields.update(progress_done=0, progress_total=total)
-        self._write(job_id, fields, "running", pipe)
-
-    def progress(self, job_id: str, done: int, total: int) -> None:
-        self._write(job_id, {"progress_done": done, "progress_total": total}, "progress")
+    def progress(self, job_id: str, done: int, total: int, pipe: Any = None) -> None:
+        self._write(job_id, {"progress_done": done, "progress_total": total}, "progress", pipe)
 
     def finished(self, job_id: str, ok: bool, *, load_ms: float = 0.0, inference_ms: float = 0.0,
                  error: dict[str, Any] | None = None, status: str | None = None, pipe: Any = None) -> None:
@@ -74,11 +66,3 @@ class JobRecorder:
         self._write(job_id, {"status": status, "finished_at": time.time(), "load_ms": round(load_ms, 3),
                              "inference_ms": round(inference_ms, 3),
                              "error": json.dumps(error) if error else ""}, status, pipe)
-
-    def is_cancelled(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self.keys.job_cancelled(job_id)))
-
-    def cancel(self, job_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.job_cancelled(job_id), 1, ex=self.ttl)
-        pipe.execute()

@@ -66,6 +66,14 @@ class Keys:
         """Sorted set: worker id -> last heartbeat (unix seconds)."""
         return f"{self.prefix}:workers"
 
+    def worker_deliveries(self, worker_id: str) -> str:
+        """Hash: delivery tag -> job id of the messages a batching-engine process holds now (fetch to ack).
+
+        Its supervisor gives them back to their queue the moment the process dies, instead of leaving them to
+        the visibility timeout.
+        """
+        return f"{self.prefix}:worker-deliveries:{worker_id}"
+
     def worker_models(self, worker_id: str) -> str:
         """Hash: model id -> JSON ``ModelInfo`` of the models this worker process holds now."""
         return f"{self.prefix}:worker-models:{worker_id}"

@@ -19,7 +19,9 @@ QUEUE_PREFIX = "infer"
 #: Priority levels the Redis transport keeps as separate lists (a job's priority 0-9 lands in the nearest).
 PRIORITY_STEPS: list[int] = [0, 3, 6, 9]
 #: Separator kombu puts between a queue name and its priority step in the Redis list name.
-PRIORITY_SEP = ":"
+#: NOTE: kombu's own default: any Celery client configured with nothing but the broker URL reads and writes the
+#: same lists (priority tasks, and the reply lists of remote control).
+PRIORITY_SEP = "\x06\x16"
 
 
 def queue_name(adapter: str, device: str) -> str:
@@ -49,13 +51,16 @@ def broker_priority(priority: int) -> int:
     return 9 - max(0, min(9, int(priority)))
 
 
+def pool_of(adapter: str | None, device: str | None, settings: FleetSettings | None = None) -> tuple[str, str]:
+    """The pool ``(adapter, device)`` of a job that names them or not: the one place defaults are applied."""
+    settings = settings or get_settings()
+    return adapter or settings.serving_adapter_type, device or settings.default_device
+
+
 def queue_for_job(job: dict[str, Any] | None, settings: FleetSettings | None = None) -> str:
     """The queue a job payload goes to: its ``adapter``/``device`` or the configured defaults."""
-    settings = settings or get_settings()
     job = job or {}
-    adapter = job.get("adapter") or settings.serving_adapter_type
-    device = job.get("device") or settings.default_device
-    return queue_name(adapter, device)
+    return queue_name(*pool_of(job.get("adapter"), job.get("device"), settings))
 
 
 def all_queues() -> list[Queue]:

@@ -267,6 +267,8 @@ class JobErrorBody(BaseModel):
     type: str
     message: str
     field: str | None = None
+    retryable: bool = False
+    """Whether the same job sent again later can succeed (the runtime or Redis was unreachable)."""
 
 
 class BatchItemResult(BaseModel):

@@ -26,6 +26,11 @@ def state_dir() -> Path:
     return Path(base) / "finsight-fleet"
 
 
+def soft_time_limit(hard_s: float) -> float:
+    """The soft time limit under a hard one: a tenth earlier, between 1 and 30 s (half of limits under 2 s)."""
+    return max(hard_s - min(30.0, max(1.0, hard_s / 10)), hard_s / 2)
+
+
 def _section(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", use_attribute_docstrings=True)
 
@@ -119,18 +124,14 @@ class TorchServeSettings(BaseSettings):
 
 
 class BatchSettings(BaseSettings):
-    """Dynamic batching of predict jobs inside a worker (per model, Triton-style)."""
+    """Batching of predict jobs in the batching engine: one fetch takes up to a batch, one forward per model."""
 
     model_config = _section("BATCH_")
 
-    enabled: bool = False
-    """Batch predict jobs of the same model inside each worker (the worker then runs Celery's thread pool)."""
     max_batch_size: int = Field(32, ge=1)
-    """At most this many jobs make one batch, and rows one forward."""
+    """At most this many jobs make one fetch of the batching engine, and rows one forward."""
     preferred_batch_size: int | None = Field(None, ge=1)
     """Rows per forward when a batch holds more: the size the model runs fastest at here (see (a) in the benchmark)."""
-    max_batch_delay_ms: float = Field(2.0, ge=0)
-    """How long the first job of a batch waits for others to join it."""
 
     @property
     def forward_rows(self) -> int:
@@ -156,7 +157,15 @@ class FleetSettings(BaseSettings):
     result_ttl_seconds: int = Field(86400, gt=0)
     """How long job results, job documents and per-job keys live in Redis."""
     job_time_limit_seconds: int = Field(600, gt=0)
-    """Hard time limit of one job; the Redis visibility timeout is sized from it."""
+    """Hard time limit of one job (it then fails with ``JobTimeoutError``); the soft limit and the Redis
+    visibility timeout are sized from it."""
+    job_max_deliveries: int = Field(3, ge=1)
+    """A job delivered this many times without finishing (its process died each time) fails with
+    ``DeliveryLimitExceededError`` instead of looping."""
+    worker_engine: Literal["batching", "celery"] = "batching"
+    """Engine of ``fleet worker``: ``batching`` (batches per fetch, the fastest) or ``celery`` (Celery's prefork)."""
+    worker_shutdown_grace_seconds: float = Field(30, gt=0)
+    """On SIGTERM a batching-engine worker lets jobs in hand finish this long, then kills what is left."""
     worker_torch_threads: int = Field(0, ge=0)
     """Torch intra-op threads per worker process; 0 means cores // processes (never oversubscribe)."""
     log_level: str = "INFO"

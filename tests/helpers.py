@@ -36,7 +36,8 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         except Exception as exc:  # the thing may not be up yet
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last_exc})" if last_exc else ""))
 
 
 async def wait_for_async(condition: Callable[[], Awaitable[Any]], timeout: float, what: str,

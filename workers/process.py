@@ -1,8 +1,8 @@
-"""Per-process set-up: the one :class:`WorkerRuntime` of this process, torch threads, worker identity.
+"""Per-process set-up: one :class:`ProcessContext` per worker process, built after the fork.
 
-Celery signals call :func:`init_process` after the fork (prefork children) or at worker start (solo and
-thread pools); tasks call :func:`get_runtime`, which also builds the runtime lazily if no signal did (for
-example under ``celery.contrib.testing.worker``).
+Both engines call :func:`init_process` in each process that runs jobs (Celery's prefork children through its
+signals, the batching engine's consumers at their start); Celery tasks call :func:`current`, which also builds
+the context lazily if no signal did (for example under ``celery.contrib.testing.worker``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,20 @@ import logging
 import os
 import socket
 import threading
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import redis as redis_lib
 
 from shared.settings import FleetSettings, get_settings
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_runtime = None  # type: ignore[var-annotated]
-_runtime_pid: int | None = None
-#: Filled in the parent before the fork (``celeryd_init``) so that children inherit them.
-node = {"hostname": socket.gethostname(), "queues": [], "processes": 1}
+_context: "ProcessContext | None" = None
+_context_pid: int | None = None
+#: Filled in the parent before the fork (``celeryd_init``, the batching supervisor) so that children inherit them.
+node: dict[str, Any] = {"hostname": socket.gethostname(), "queues": [], "processes": 1}
 
 
 def cpu_count() -> int:
@@ -38,50 +41,96 @@ def torch_threads_for(settings: FleetSettings, processes: int) -> int:
     return max(1, cpu_count() // max(1, processes))
 
 
-def worker_id() -> str:
-    return f"{node['hostname']}|{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    return f"{node['hostname']}|{pid or os.getpid()}"
 
 
-def init_process(settings: FleetSettings | None = None, queues: Sequence[str] | None = None):
-    """Build this process's runtime (idempotent per process) and set torch's thread count."""
-    global _runtime, _runtime_pid
+def redis_client(settings: FleetSettings) -> redis_lib.Redis:
+    """The worker side's Redis client: fails fast on a dead server, notices a dropped connection."""
+    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
+                                    health_check_interval=30)
+
+
+@dataclass
+class ProcessContext:
+    """What one worker process holds: its adapters, its Redis client, its heartbeat and its executor."""
+
+    settings: FleetSettings
+    worker_id: str
+    redis: Any
+    keys: Any  # shared.keys.Keys
+    pool: Any  # workers.serving.pool.AdapterPool
+    heartbeat: Any  # workers.heartbeat.Heartbeat
+    executor: Any  # workers.executor.executor.JobExecutor
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        self.pool.close()
+
+
+def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_limit: bool,
+                  redis: Any = None) -> ProcessContext:
+    """Wire one process's parts: adapter pool (set up now), outcome writer, policies, executor, heartbeat."""
+    from shared.celery_app import app  # the worker's app: its backend encodes results
+    from shared.jobs import JobRecorder
+    from shared.keys import Keys
+    from shared.routing import parse_queue_name
+    from shared.stats import StatsWriter
+    from workers.executor.begin import BeginScript
+    from workers.executor.executor import JobExecutor
+    from workers.executor.handlers import Handlers
+    from workers.executor.outcomes import CeleryResultEncoder, OutcomeWriter
+    from workers.executor.policies import TimeLimit, default_policies
+    from workers.heartbeat import Heartbeat
+    from workers.serving.pool import AdapterPool
+
+    me = worker_id()
+    redis = redis or redis_client(settings)
+    keys = Keys(settings.redis_key_prefix)
+    stats = StatsWriter(redis, keys, me)
+    pool = AdapterPool(settings)
+    pool.setup([parse_queue_name(q) for q in queues])
+    heartbeat = Heartbeat(stats, pool, queues)
+    outcomes = OutcomeWriter(redis, JobRecorder(redis, keys, settings.result_ttl_seconds), stats,
+                             CeleryResultEncoder(app.backend), settings.result_ttl_seconds)
+    handlers = Handlers(pool, outcomes, cancelled=lambda job_id: bool(redis.exists(keys.job_cancelled(job_id))),
+                        models_changed=heartbeat.publish)
+    executor = JobExecutor(handlers, outcomes, BeginScript(redis, keys, me, settings.result_ttl_seconds),
+                           default_policies(settings.job_max_deliveries),
+                           TimeLimit(settings.job_time_limit_seconds, arm_soft=arm_soft_limit))
+    return ProcessContext(settings, me, redis, keys, pool, heartbeat, executor)
+
+
+def init_process(settings: FleetSettings | None = None, queues: Sequence[str] | None = None, *,
+                 arm_soft_limit: bool = False) -> ProcessContext:
+    """Build this process's context (idempotent per process) and set torch's thread count."""
+    global _context, _context_pid
     with _lock:
-        if _runtime is not None and _runtime_pid == os.getpid():
-            return _runtime
+        if _context is not None and _context_pid == os.getpid():
+            return _context
         import torch  # NOTE: imported here, in the worker process, after the fork
-
-        from workers.runtime import WorkerRuntime
 
         settings = settings or get_settings()
         threads = torch_threads_for(settings, int(node["processes"]))
         torch.set_num_threads(threads)
         queues = list(queues if queues is not None else node["queues"])
-        from shared.celery_app import app  # the worker's app: its backend encodes results for the predict path
-
-        runtime = WorkerRuntime(settings, worker_id(), queues=queues, result_backend=app.backend)
-        for queue in queues:
-            try:
-                from shared.routing import parse_queue_name
-
-                runtime.adapter(*parse_queue_name(queue))
-            except Exception as exc:  # a pool that cannot set up stays up and reports itself unhealthy
-                log.error("adapter for %s failed to start in process %s: %s", queue, os.getpid(), exc)
-        runtime.start()
-        log.info("worker process %s ready: %d torch thread(s), queues %s", worker_id(), threads, queues)
-        _runtime, _runtime_pid = runtime, os.getpid()
-        return runtime
+        context = build_context(settings, queues, arm_soft_limit=arm_soft_limit)
+        context.heartbeat.start()
+        log.info("worker process %s ready: %d torch thread(s), queues %s", context.worker_id, threads, queues)
+        _context, _context_pid = context, os.getpid()
+        return context
 
 
-def get_runtime():
-    """The runtime of this process, built on first use."""
-    if _runtime is None or _runtime_pid != os.getpid():
+def current() -> ProcessContext:
+    """The context of this process, built on first use."""
+    if _context is None or _context_pid != os.getpid():
         return init_process()
-    return _runtime
+    return _context
 
 
 def shutdown_process() -> None:
-    global _runtime
+    global _context
     with _lock:
-        if _runtime is not None and _runtime_pid == os.getpid():
-            _runtime.close()
-            _runtime = None
+        if _context is not None and _context_pid == os.getpid():
+            _context.close()
+            _context = None

@@ -2,8 +2,8 @@
 
 Plain Celery, celery-batches, Triton's Python backend, TorchServe's handler and the in-process limit all call
 :meth:`Forecaster.predict_batch`, which is what the fleet's in-process adapter does for a batch: validate and
-normalise each window (:func:`workers.inference.prepare_series`), one forward for the whole batch, and
-de-normalise (:func:`workers.inference.run_forecast`). Only the transport differs between systems.
+normalise each window (:func:`workers.models.inference.prepare_series`), one forward for the whole batch, and
+de-normalise (:func:`workers.models.inference.run_forecast`). Only the transport differs between systems.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Forecaster:
 
     def predict_batch(self, series: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One ``[horizon, channels]`` float64 forecast per series, in the units of the input."""
-        from workers import inference
+        from workers.models import inference
 
         prepared = [inference.prepare_series(s, self.config) for s in series]
         return inference.run_forecast(self.forward, prepared, self.horizon, self.config)

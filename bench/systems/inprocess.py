@@ -115,7 +115,7 @@ class InProcess:
 
     def describe(self) -> dict[str, Any]:
         return {"system": self.key, "name": self.name, "variant": "1x2, 2x1",
-                "notes": ["prepare_series + one batched forward + de-normalisation (workers.inference), inputs "
+                "notes": ["prepare_series + one batched forward + de-normalisation (workers.models.inference), inputs "
                           "already in memory as numpy arrays; 2x1 sums two processes running the same slots"]}
 
 

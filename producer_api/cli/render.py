@@ -15,7 +15,8 @@ def forecast_table(doc: dict[str, Any], title: str | None = None, max_rows: int 
     preds = result["predictions"]
     info = result.get("model_info", {})
     table = Table(title=title or f"{info.get('model_id', 'prediction')} (job {doc.get('job_id', '?')})",
-                  caption=f"confidence {result['confidence_score']:.2f} · inference {result['inference_time_ms']:.1f} ms")
+                  caption=(f"confidence {result['confidence_score']:.2f} · "
+                           f"inference {result['inference_time_ms']:.1f} ms"))
     if result.get("labels"):
         for name in ("text #", "label", "negative", "neutral", "positive"):
             table.add_column(name, justify="right")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers import inference
-from workers.torchscript_convert import ATOL, RTOL
+from workers.models import inference
+from workers.serving.torchscript_convert import ATOL, RTOL
 from workers.training.synthetic import generate_bars
 
 TEXTS = ["Shares plunge after profit warning", "Company beats estimates, raises guidance"]

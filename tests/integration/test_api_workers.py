@@ -19,9 +19,9 @@ from shared.celery_app import create_celery_app
 from shared.keys import Keys
 from tests.helpers import wait_for_async
 
-pytestmark = pytest.mark.integration
-
 from workers.training.synthetic import generate_bars
+
+pytestmark = pytest.mark.integration
 
 # Data the model has not seen (another seed than training), in the model's own width.
 SERIES = np.ascontiguousarray(generate_bars("AAPL", "1h", n_bars=700, seed=123).values[-200:], dtype="<f4")
@@ -123,6 +123,7 @@ async def test_submit_without_a_live_redis_is_503(fleet_settings) -> None:
 
 
 def test_priority_lists_follow_kombu() -> None:
+    sep = "\x06\x16"  # kombu's default separator: a client configured with the broker URL alone uses it
     assert [routing.priority_list("q", p) for p in range(10)] == \
-        ["q", "q", "q", "q:3", "q:3", "q:3", "q:6", "q:6", "q:6", "q:9"]
-    assert routing.redis_list_keys("q") == ["q", "q:3", "q:6", "q:9"]
+        ["q", "q", "q", f"q{sep}3", f"q{sep}3", f"q{sep}3", f"q{sep}6", f"q{sep}6", f"q{sep}6", f"q{sep}9"]
+    assert routing.redis_list_keys("q") == ["q", f"q{sep}3", f"q{sep}6", f"q{sep}9"]

@@ -9,7 +9,7 @@ import pytest
 
 from shared import celery_wire, tasks
 from shared.keys import Keys
-from workers.fetch import UNACKED, UNACKED_INDEX, BatchFetcher
+from workers.engines.batching.fetch import UNACKED, UNACKED_INDEX, BatchFetcher
 
 pytestmark = pytest.mark.integration
 QUEUE = "infer.simple.cpu"

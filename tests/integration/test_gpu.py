@@ -9,7 +9,7 @@ import torch
 from shared.schemas import ModelKey, PredictInputs
 from shared.settings import FleetSettings
 from shared.store_layout import model_dir
-from workers.adapters.simple import SimpleServingAdapter
+from workers.serving.adapters.simple import SimpleServingAdapter
 from workers.training.synthetic import generate_bars
 
 pytestmark = [pytest.mark.gpu,

@@ -7,9 +7,9 @@ import pytest
 from shared import tasks
 from shared.schemas import ModelKey
 from shared.settings import FleetSettings
-from workers.adapters.simple import SimpleServingAdapter
+from workers.serving.adapters.simple import SimpleServingAdapter
 from workers.store import ModelStore
-from workers.torchscript_convert import sidecar_path, store_artefact_path
+from workers.serving.torchscript_convert import sidecar_path, store_artefact_path
 from tests.integration.compare import assert_same_prediction, inputs_for
 
 TIMEOUT = 120

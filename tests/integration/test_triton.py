@@ -25,7 +25,7 @@ from shared.keys import WORKER_HEARTBEAT_INTERVAL_S, Keys  # noqa: E402
 from shared.errors import AdapterUnavailableError, InvalidInputError, error_from_dict  # noqa: E402
 from shared.schemas import ModelKey  # noqa: E402
 from shared.settings import FleetSettings, TritonSettings  # noqa: E402
-from workers.adapters.simple import SimpleServingAdapter  # noqa: E402
+from workers.serving.adapters.simple import SimpleServingAdapter  # noqa: E402
 from workers.store import ModelStore  # noqa: E402
 from tests.integration.compare import assert_same_prediction, inputs_for  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_adapter_in_process_checks_shapes_and_measures_latency(triton: TritonSer
     """The adapter itself, in this process: Triton's shape errors are typed, and the infer latency."""
     import torch
 
-    from workers.adapters.triton import TritonServingAdapter
+    from workers.serving.adapters.triton import TritonServingAdapter
 
     store = ModelStore(fleet_settings.model_store_dir)
     key = ModelKey(symbol="AAPL", timeframe="1h", model_type="patchtsmixer")
@@ -137,8 +137,8 @@ def test_adapter_in_process_checks_shapes_and_measures_latency(triton: TritonSer
         adapter.server.close()  # NOTE: not adapter.close(): the model stays loaded for the other tests
 
 
-def test_pool_fails_retryable_while_triton_is_down_and_serves_again(triton: TritonServer, start_worker, producer,
-                                                                    redis_client, fleet_settings: FleetSettings) -> None:
+def test_pool_fails_retryable_while_triton_is_down_and_serves_again(
+        triton: TritonServer, start_worker, producer, redis_client, fleet_settings: FleetSettings) -> None:
     worker = start_worker(adapter="triton", concurrency=1, **triton_env(triton, grpc=False))
     key = {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtsmixer", "adapter": "triton"}
     job = {**key, "inputs": inputs_for("MSFT", "patchtsmixer", seed=123)[0]}

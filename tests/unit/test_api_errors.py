@@ -102,7 +102,8 @@ async def test_bad_inputs_get_a_typed_4xx_never_500(client, celery, path, raw, h
 async def test_validation_names_the_field(client):
     resp = await client.post("/v1/predict", data=_inputs({"series": [[1.0, "x"]]}), headers=JSON)
     error = (await resp.json())["error"]
-    assert error == {"type": "InvalidInputError", "field": "inputs.series.0.1", "message": error["message"]}
+    assert error == {"type": "InvalidInputError", "field": "inputs.series.0.1", "message": error["message"],
+                     "retryable": False}
     assert error["message"].startswith("inputs.series.0.1: ")
 
 

@@ -93,7 +93,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_report_the_api_and_the_fleet(client, fleet):
     await enqueue(client)
     fleet.rpush("infer.simple.cpu", "m1", "m2")
-    fleet.rpush("infer.simple.cpu:6", "m3")
+    fleet.rpush("infer.simple.cpu\x06\x166", "m3")  # kombu's priority list name
     resp = await client.get("/metrics")
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples = _samples(await resp.text())

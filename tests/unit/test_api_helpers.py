@@ -86,9 +86,20 @@ def sredis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
     return fakeredis.FakeRedis(server=server)
 
 
+class WorkerRecorder(JobRecorder):
+    """The worker's record writes, as a test plays the worker: ``running`` writes what the executor's begin
+    script writes (which needs Lua, which fakeredis lacks); the rest is the worker's own :class:`JobRecorder`."""
+
+    def running(self, job_id: str, worker: str, started_at: float, total: int | None = None) -> None:
+        fields: dict[str, Any] = {"status": "running", "worker": worker, "started_at": started_at, "deliveries": 1}
+        if total is not None:
+            fields.update(progress_done=0, progress_total=total)
+        self._write(job_id, fields, "running")
+
+
 @pytest.fixture
-def recorder(sredis: fakeredis.FakeRedis) -> JobRecorder:
-    return JobRecorder(sredis, KEYS, 3600)
+def recorder(sredis: fakeredis.FakeRedis) -> WorkerRecorder:
+    return WorkerRecorder(sredis, KEYS, 3600)
 
 
 @pytest.fixture
@@ -107,12 +118,20 @@ async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, cele
 
 
 def store_result(sredis: fakeredis.FakeRedis, job_id: str, status: str = "SUCCESS", result: Any = None) -> None:
-    """Write and publish Celery's result meta the way its Redis backend does (SET then PUBLISH, one pipeline)."""
+    """Store an outcome the way the executor does in one MULTI: Celery's result meta (SET and PUBLISH), and
+    the record's final status with its event (the channel the API watches)."""
     meta = json.dumps({"status": status, "result": result, "traceback": None, "children": [],
                        "date_done": "2024-01-01T00:00:00", "task_id": job_id})
     pipe = sredis.pipeline()
     pipe.set(Keys.celery_result(job_id), meta)
     pipe.publish(Keys.celery_result(job_id), meta)
+    if status in ("SUCCESS", "FAILURE"):
+        error = result if status == "FAILURE" else None
+        final = "succeeded" if error is None else (
+            "cancelled" if error.get("exc_type") == "JobCancelledError" else "failed")
+        JobRecorder(sredis, KEYS, 3600).finished(
+            job_id, error is None, status=final, pipe=pipe,
+            error={"type": error["exc_type"], "message": error["exc_message"][0]} if error else None)
     pipe.execute()
 
 

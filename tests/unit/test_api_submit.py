@@ -28,7 +28,7 @@ async def test_load_and_unload_are_sent_to_the_default_pool(client, celery, sred
     (name, options), = celery.sent
     assert name == task
     assert options["task_id"] == body["job_id"] and options["queue"] == "infer.simple.cpu"
-    assert options["priority"] == 4 and options["exchange"] == "" and options["list"] == "infer.simple.cpu:3"
+    assert options["priority"] == 4 and options["exchange"] == "" and options["list"] == "infer.simple.cpu\x06\x163"
     assert options["kwargs"]["job"]["symbol"] == "AAPL"
     record = {k.decode(): v.decode() for k, v in sredis.hgetall(KEYS.job(body["job_id"])).items()}
     assert record["kind"] == kind and record["status"] == "queued" and record["model_id"] == "AAPL_1h_patchtst"
@@ -134,7 +134,8 @@ async def test_wait_for_a_failed_job_answers_its_typed_error(client, celery, sre
     await task
     doc = await resp.json()
     assert resp.status == 200 and doc["status"] == "failed"
-    assert doc["error"] == {"type": "PredictionError", "message": "boom", "field": None}
+    assert doc["error"] == {"type": "PredictionError", "message": "boom", "field": None,
+                            "retryable": False}
 
 
 @pytest.mark.parametrize("wait", ["0", "-1", "61", "abc", "nan", "inf", ""])

@@ -13,23 +13,19 @@ from shared.jobs import event_message
 from tests.unit.test_api_helpers import KEYS, PREDICT, aredis, client, celery, server, settings, sredis  # noqa: F401
 
 
-def _meta(status: str, result: object = None) -> bytes:
-    # the key order Celery's backend (and the fleet's outcome writer) uses
-    return json.dumps({"status": status, "result": result, "traceback": None, "children": [],
-                       "date_done": "2026-01-01T00:00:00", "task_id": "j"}).encode()
-
-
 @pytest.mark.parametrize("channel, data, final", [
-    (KEYS.celery_result("j"), _meta("SUCCESS", {"status": "queued", "predictions": [[1.0]]}), True),
-    (KEYS.celery_result("j"), _meta("FAILURE"), True),
-    (KEYS.celery_result("j"), _meta("PROGRESS", {"done": 1, "total": 2}), False),
     (KEYS.job_events("j"), event_message("j", "queued").encode(), False),
     (KEYS.job_events("j"), event_message("j", "running").encode(), False),
+    (KEYS.job_events("j"), event_message("j", "progress", progress={"done": 1, "total": 2}).encode(), False),
+    (KEYS.job_events("j"), b'{"job_id":"j","status":"running","ts":1.5}', False),  # as the begin script writes it
+    (KEYS.job_events("j"), event_message("j", "succeeded").encode(), True),
+    (KEYS.job_events("j"), event_message("j", "failed", error={"type": "X", "message": "m"}).encode(), True),
     (KEYS.job_events("j"), event_message("j", "cancelled").encode(), True),
     (KEYS.job_events("j"), b"not json at all", True),  # unreadable: re-read, the safe side
+    (KEYS.job_events("j"), b"[1, 2]", True),
     ("", b"", True),  # the connection was lost
 ])
-def test_final_messages_are_told_apart_without_parsing_the_result(channel, data, final):
+def test_final_events_are_told_by_their_status_field(channel, data, final):
     assert announces_final(channel, data) is final
 
 
@@ -39,19 +35,20 @@ async def test_watchers_share_one_subscription_and_each_gets_its_messages(aredis
     try:
         async with JobWatch(channels, records, "a") as a1, JobWatch(channels, records, "a") as a2, \
                 JobWatch(channels, records, "b") as b:
-            assert sredis.pubsub_numsub(KEYS.celery_result("a"))[0][1] == 1  # one subscriber for two watchers
-            sredis.publish(KEYS.celery_result("a"), _meta("SUCCESS"))
+            assert sredis.pubsub_numsub(KEYS.job_events("a"))[0][1] == 1  # one subscriber for two watchers
+            final = event_message("a", "succeeded")
+            sredis.publish(KEYS.job_events("a"), final)
             sredis.publish(KEYS.job_events("b"), event_message("b", "running"))
             got_a1, got_a2, got_b = await asyncio.wait_for(
                 asyncio.gather(a1.queue.get(), a2.queue.get(), b.queue.get()), 2)
-            assert got_a1 == got_a2 == (KEYS.celery_result("a"), _meta("SUCCESS"))
+            assert got_a1 == got_a2 == (KEYS.job_events("a"), final.encode())
             assert got_b[0] == KEYS.job_events("b") and b.queue.empty()
         for _ in range(100):  # the last watcher gone, the channels are unsubscribed
-            if sredis.pubsub_numsub(KEYS.celery_result("a"))[0][1] == 0:
+            if sredis.pubsub_numsub(KEYS.job_events("a"))[0][1] == 0:
                 break
             await asyncio.sleep(0.01)
-        assert sredis.pubsub_numsub(KEYS.celery_result("a"), KEYS.job_events("b")) == [
-            (KEYS.celery_result("a").encode(), 0), (KEYS.job_events("b").encode(), 0)]
+        assert sredis.pubsub_numsub(KEYS.job_events("a"), KEYS.job_events("b")) == [
+            (KEYS.job_events("a").encode(), 0), (KEYS.job_events("b").encode(), 0)]
     finally:
         await channels.close()
 

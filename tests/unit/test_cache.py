@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ModelLoadError
-from workers.cache import ModelCache
+from workers.serving.cache import ModelCache
 
 
 class Clock:

@@ -16,7 +16,7 @@ def test_a_built_message_reads_back() -> None:
     job = {"symbol": "AAPL", "inputs": {"tensor": {"shape": [2, 1], "data": b"\x00" * 8}}}
     key, raw = celery_wire.task_message(tasks.PREDICT, "job-1", {"job": job}, "infer.simple.cpu", 4,
                                         kwargsrepr="{'job': <predict AAPL>}")
-    assert key == "infer.simple.cpu:3"
+    assert key == "infer.simple.cpu\x06\x163"
     msg = celery_wire.read_message(raw)
     assert (msg.task, msg.task_id, msg.kwargs) == (tasks.PREDICT, "job-1", {"job": job})
     envelope = json.loads(raw)

@@ -94,7 +94,8 @@ def test_routing_is_public_and_defaults_from_settings() -> None:
 def test_errors_cross_processes_as_type_and_message() -> None:
     err = AdapterUnavailableError("triton down", field="adapter")
     body = err.to_dict()
-    assert body == {"type": "AdapterUnavailableError", "message": "triton down", "field": "adapter"}
+    assert body == {"type": "AdapterUnavailableError", "message": "triton down", "field": "adapter",
+                    "retryable": True}
     back = error_from_dict(body)
     assert isinstance(back, AdapterUnavailableError) and back.retryable and back.http_status == 503
     assert isinstance(error_from_dict({"type": "Nope", "message": "x"}), InternalError)

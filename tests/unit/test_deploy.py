@@ -109,8 +109,8 @@ def values() -> dict[str, Any]:
 
 def worker_argv(pool: dict[str, Any]) -> list[str]:
     """What templates/workers.yaml runs for a pool (test_worker_template_args keeps the two in step)."""
-    argv = ["worker", "--adapter", pool["adapter"], "--device", pool["device"], "-c", str(pool.get("concurrency", 1))]
-    return argv + (["--batching"] if pool.get("batching") else [])
+    return ["worker", "--engine", pool.get("engine", "batching"), "--adapter", pool["adapter"],
+            "--device", pool["device"], "-c", str(pool.get("concurrency", 1))]
 
 
 def cpu_quantity(value: Any) -> float:
@@ -142,7 +142,7 @@ def test_dockerfile_builds_a_non_root_fleet_image() -> None:
 
 def test_compose_services_run_real_fleet_commands() -> None:
     services = compose()["services"]
-    assert {"redis", "models", "api", "worker", "worker-batching", "flower", "triton", "worker-triton"} <= set(services)
+    assert {"redis", "models", "api", "worker", "worker-celery", "flower", "triton", "worker-triton"} <= set(services)
     seen = set()
     for name, service in services.items():
         if name in ("redis", "triton"):
@@ -159,7 +159,8 @@ def test_compose_services_run_real_fleet_commands() -> None:
                 queue_name(ctx.params["adapter"], ctx.params["device"])
     assert {"fleet api", "fleet worker", "fleet flower", "fleet models create", "fleet models list"} <= seen
     assert parse_fleet(services["api"]["command"]).params["port"] == 8000
-    assert parse_fleet(services["worker-batching"]["command"]).params["batching"] is True
+    assert parse_fleet(interpolate(services["worker"]["command"])).params["engine"] is None  # default: batching
+    assert parse_fleet(interpolate(services["worker-celery"]["command"])).params["engine"] == "celery"
 
 
 def test_compose_environment_names_are_fleet_settings() -> None:
@@ -177,18 +178,18 @@ def test_compose_wiring() -> None:
     assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
     models = services["models"]
     assert models["restart"] == "no" and "build" in models
-    for name in ("api", "worker", "worker-batching", "flower", "worker-triton"):
+    for name in ("api", "worker", "worker-celery", "flower", "worker-triton"):
         deps = services[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy", name
         assert deps["models"]["condition"] == "service_completed_successfully", name
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
     assert any(interpolate(port).endswith("5555:5555") for port in services["flower"]["ports"])
-    assert services["worker-batching"]["profiles"] == ["batching"]
+    assert services["worker-celery"]["profiles"] == ["celery"]
     assert services["triton"]["profiles"] == services["worker-triton"]["profiles"] == ["triton"]
     assert "--model-control-mode=explicit" in services["triton"]["command"]
     # Scalable: no fixed container name or host port on a worker; a warm shutdown outlasts the longest job.
     job_limit = FleetSettings.model_fields["job_time_limit_seconds"].default
-    for name in ("worker", "worker-batching", "worker-triton"):
+    for name in ("worker", "worker-celery", "worker-triton"):
         worker = services[name]
         assert "container_name" not in worker and "ports" not in worker, name
         assert int(interpolate(worker["stop_grace_period"]).rstrip("s")) > job_limit, name
@@ -235,7 +236,8 @@ def test_values_pools_name_real_queues_and_commands() -> None:
         assert (params["adapter"], params["device"]) == (pool["adapter"], pool["device"])
         threads, concurrency = int(pool.get("torchThreads", 1)), int(pool.get("concurrency", 1))
         cpu_limit = pool.get("resources", {}).get("limits", {}).get("cpu")
-        if cpu_limit is not None and not pool.get("batching"):  # batching: threads share one torch thread
+        assert pool.get("engine", "batching") in ("batching", "celery"), pool["name"]
+        if cpu_limit is not None:
             assert concurrency * threads <= cpu_quantity(cpu_limit), f"{pool['name']} oversubscribes its CPUs"
         if pool["device"] == "cuda":
             assert "nvidia.com/gpu" in pool["resources"]["limits"], pool["name"]
@@ -296,10 +298,9 @@ def test_template_commands_use_real_options() -> None:
     text = (TEMPLATES / "workers.yaml").read_text()
     block = text.split("args:", 1)[1].split("envFrom:", 1)[0]
     literal = [m for m in re.findall(r"^\s*- ([^{\s]\S*)\s*$", block, re.M)]
-    assert literal == ["worker", "--adapter", "--device", "-c", "--batching"], literal
+    assert literal == ["worker", "--engine", "--adapter", "--device", "-c"], literal
     assert set(literal[1:]) <= option_names("worker")
-    assert [a for a in worker_argv({"adapter": "simple", "device": "cpu", "batching": True}) if a.startswith("-")] == \
-        literal[1:]
+    assert [a for a in worker_argv({"adapter": "simple", "device": "cpu"}) if a.startswith("-")] == literal[1:]
     # models-init Job: the create command it formats, and the plain fleet calls of its script.
     job = (TEMPLATES / "models-job.yaml").read_text()
     create = re.search(r'printf "fleet (models create [^"]*)"', job).group(1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.errors import InvalidInputError, PredictionError
-from workers import inference
+from workers.models import inference
 
 CONFIG = {"context_length": 8, "prediction_length": 3, "n_channels": 2}
 

@@ -13,11 +13,11 @@ from workers.models.registry import (
     CONFIG_CLASSES,
     MODEL_CLASSES,
     build_model,
-    example_inputs,
     n_params,
     param_bytes,
 )
 from workers.models.sentiment import encode, tokenize
+from workers.serving.examples import example_inputs
 
 FORECASTERS = [m for m in ModelType if m.is_forecaster]
 TINY = {"context_length": 32, "prediction_length": 8, "n_channels": 3}

@@ -10,7 +10,7 @@ import pytest
 from shared.errors import InvalidInputError, ModelNotFoundError
 from shared.schemas import ModelKey, ModelType, PredictInputs
 from shared.settings import FleetSettings
-from workers.adapters.simple import SimpleServingAdapter
+from workers.serving.adapters.simple import SimpleServingAdapter
 from workers.models.registry import build_model
 from workers.store import ModelStore
 from tests.unit.test_models import TINY_CONFIGS

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from shared.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
 from shared.schemas import ModelKey, ModelType
-from workers.models.registry import build_model, example_inputs
+from workers.models.registry import build_model
+from workers.serving.examples import example_inputs
 from workers.store import ModelStore
 
 from tests.unit.test_models import TINY_CONFIGS

@@ -14,13 +14,14 @@ from safetensors.torch import load_file, save_file
 from shared.errors import InvalidInputError
 from shared.schemas import ModelKey, ModelType
 from shared.settings import FleetSettings, TorchScriptSettings
-from workers import inference
-from workers.adapters.simple import SimpleServingAdapter
-from workers.adapters.torchscript import TorchScriptServingAdapter, resolve_device
-from workers.models.registry import build_model, example_inputs, validate_config
-from workers import torchscript_convert as convert
+from workers.models import inference
+from workers.serving.adapters.simple import SimpleServingAdapter
+from workers.serving.adapters.torchscript import TorchScriptServingAdapter, resolve_device
+from workers.models.registry import build_model, validate_config
+from workers.serving.examples import example_inputs
+from workers.serving import torchscript_convert as convert
 from workers.store import ModelStore, file_sha256
-from workers.torchscript_convert import (ATOL, RTOL, CompileOptions, compile_module, configure_fusion,
+from workers.serving.torchscript_convert import (ATOL, RTOL, CompileOptions, compile_module, configure_fusion,
                                          load_artefact, sidecar_path, source_hash, store_artefact_path)
 from workers.training.synthetic import generate_bars
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from producer_api.cli.models import models as models_cli
 from shared.schemas import ModelType, TimeFrame
-from workers import inference
+from workers.models import inference
 from workers.store import ModelStore
 from workers.training.headlines import build_vocab, load_headlines, stratified_split
 from workers.training.synthetic import CHANNELS, SEASON_BARS, generate_bars

@@ -26,10 +26,10 @@ from shared.errors import (AdapterUnavailableError, InvalidInputError, ModelNotF
                            PredictionError)
 from shared.schemas import ModelKey, ModelType  # noqa: E402
 from shared.settings import FleetSettings, TritonSettings  # noqa: E402
-from workers.adapters import triton_repo  # noqa: E402
-from workers.adapters.triton import TritonConnection, TritonServingAdapter, map_error  # noqa: E402
-from workers.adapters.triton_model import TritonPythonModel  # noqa: E402
-from workers.adapters.triton_repo import RepoModel, model_io, render_config, write_model_files  # noqa: E402
+from workers.serving.adapters import triton_repo  # noqa: E402
+from workers.serving.adapters.triton import TritonConnection, TritonServingAdapter, map_error  # noqa: E402
+from workers.serving.adapters.triton_model import TritonPythonModel  # noqa: E402
+from workers.serving.adapters.triton_repo import RepoModel, model_io, render_config, write_model_files  # noqa: E402
 from workers.models.registry import build_model, validate_config  # noqa: E402
 from workers.store import ModelStore  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The model families the fleet serves, in plain torch, plus the building blocks they share.
 
 Every forecaster maps a *normalised* window ``[B, L, C]`` to ``[B, H, C]`` (``L`` = ``context_length``,
-``H`` = ``prediction_length``); normalisation and de-normalisation live in :mod:`workers.inference`, so that
+``H`` = ``prediction_length``); normalisation and de-normalisation live in :mod:`workers.models.inference`, so that
 every serving runtime (eager, TorchScript, Triton) does them the same way. Every model is written to be both
 ``torch.jit.trace``-able and ``torch.jit.script``-able: shapes that matter are fixed by the config at
 construction time, never read from the input in Python control flow.

@@ -1,4 +1,4 @@
-"""Model type -> config class and model class; building models from stored configs; example inputs.
+"""Model type -> config class and model class; building models from stored configs.
 
 Stored configs (``config.json``) carry a ``"model_type"`` key besides the config fields; :func:`build_model`
 accepts them as they are.
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from shared.errors import ModelLoadError
-from shared.schemas import ModelType, TimeFrame
+from shared.schemas import ModelType
 from workers.models.enhanced_transformer import EnhancedTransformer, EnhancedTransformerConfig
 from workers.models.patchtsmixer import PatchTSMixer, PatchTSMixerConfig
 from workers.models.patchtst import PatchTST, PatchTSTConfig
@@ -32,12 +30,6 @@ MODEL_CLASSES: dict[ModelType, type[nn.Module]] = {
     ModelType.ENHANCED_TRANSFORMER: EnhancedTransformer,
     ModelType.SENTIMENT: SentimentClassifier,
 }
-#: Headlines used as example inputs of sentiment models (tracing, warm-up).
-EXAMPLE_HEADLINES: tuple[str, ...] = (
-    "Shares jump after quarterly earnings beat analyst estimates",
-    "Regulators open investigation into accounting practices",
-    "Company to present at annual technology conference",
-)
 
 
 def validate_config(model_type: ModelType | str, config: dict[str, Any]) -> BaseModel:
@@ -66,28 +58,6 @@ def build_model(model_type: ModelType | str, config: dict[str, Any]) -> nn.Modul
     typed = validate_config(model_type, config)
     model = MODEL_CLASSES[ModelType(model_type)](typed)
     return model.eval()
-
-
-def example_inputs(model_type: ModelType | str, config: dict[str, Any], batch: int = 1) -> torch.Tensor:
-    """A realistic input batch for tracing or warming up a model of this config.
-
-    Forecasters: ``batch`` normalised windows ``[batch, L, C]`` cut from a synthetic series (channels are
-    repeated or cut when ``n_channels`` is not 5). Sentiment: token ids of real headlines ``[batch, max_len]``.
-    """
-    # Imported here: training code is not needed by the model definitions themselves.
-    from workers.inference import encode_texts, normalise_windows
-    from workers.training.synthetic import generate_bars
-
-    typed = validate_config(model_type, config)
-    if ModelType(model_type) is ModelType.SENTIMENT:
-        texts = [EXAMPLE_HEADLINES[i % len(EXAMPLE_HEADLINES)] for i in range(batch)]
-        return encode_texts(texts, typed.model_dump())
-    length, channels = typed.context_length, typed.n_channels  # type: ignore[attr-defined]
-    values = generate_bars("EXAMPLE", TimeFrame.H1, n_bars=length + 8 * batch).values
-    values = np.resize(values.T, (channels, values.shape[0])).T  # cycle channels to the config's count
-    windows = np.stack([values[8 * i: 8 * i + length] for i in range(batch)])
-    z, _, _ = normalise_windows(windows)
-    return torch.from_numpy(z.astype(np.float32))
 
 
 def param_bytes(model: nn.Module) -> int:

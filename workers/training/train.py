@@ -1,6 +1,6 @@
 """Training: forecasters on synthetic bars, sentiment on the shipped headlines, and ``fleet models create``.
 
-Forecasters train on windows normalised exactly as at serving time (:func:`workers.inference.normalise_windows`:
+Forecasters train on windows normalised exactly as at serving time (:func:`workers.models.inference.normalise_windows`:
 each window's context sets the mean/std that also scale its target). The split is chronological: the last
 ``heldout_fraction`` of the bars are held out, training windows end before them, and held-out windows predict
 only held-out bars. Held-out MAE is in those normalised units (each window weighs the same whatever the price
@@ -22,7 +22,7 @@ from torch import nn
 
 from shared.errors import FleetError
 from shared.schemas import ModelKey, ModelType, TimeFrame
-from workers.inference import normalise_windows
+from workers.models.inference import normalise_windows
 from workers.models.registry import CONFIG_CLASSES, build_model, validate_config
 from workers.models.sentiment import LABELS, encode
 from workers.store import ModelStore

@@ -1,12 +1,12 @@
 """The Triton Python-backend model of the fleet: runs a TorchScript ``model.pt`` with torch.
 
-:mod:`workers.adapters.triton_repo` copies this file, as it is, to ``<repository>/<model>/<version>/model.py``;
+:mod:`workers.serving.adapters.triton_repo` copies this file, as it is, to ``<repository>/<model>/<version>/model.py``;
 Triton's Python backend imports it in its stub process, where the fleet's packages may not be importable. So it
 stays self-contained: the standard library, numpy, torch, and ``triton_python_backend_utils`` (which exists
 only inside the stub, hence imported in :meth:`TritonPythonModel.initialize`).
 
 It runs only the model's forward on what the worker sends (normalised windows ``[B, L, C]`` float32, or token
-ids ``[B, T]`` int64): pre- and post-processing stay in the worker (:mod:`workers.inference`), so that every
+ids ``[B, T]`` int64): pre- and post-processing stay in the worker (:mod:`workers.models.inference`), so that every
 adapter computes the same forecast. The requests of one ``execute`` call (Triton's dynamic batcher groups
 them) run as one forward.
 """

@@ -35,8 +35,8 @@ from torch import nn
 from shared import store_layout
 from shared.errors import ModelLoadError
 from shared.schemas import ModelKey, ModelType
-from workers.fileio import atomic_write
-from workers.models.registry import example_inputs
+from workers.serving.fileio import atomic_write
+from workers.serving.examples import example_inputs
 from workers.store import LoadedArtifacts
 
 log = logging.getLogger(__name__)

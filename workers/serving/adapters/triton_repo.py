@@ -5,7 +5,7 @@ Layout of one model (``<name>`` is the fleet's model id, ``<version>`` the store
     <repository>/<name>/config.pbtxt
     <repository>/<name>/<version>/model.pt      TorchScript of the stored model (both backends)
     <repository>/<name>/<version>/model.json    provenance of model.pt (source hash; see torchscript_convert)
-    <repository>/<name>/<version>/model.py      python backend only: a copy of workers/adapters/triton_model.py
+    <repository>/<name>/<version>/model.py      python backend only: a copy of workers/serving/adapters/triton_model.py
 
 Two backends: ``pytorch_libtorch`` serves ``model.pt`` directly (GPU production); ``python`` runs it with torch
 in Triton's Python backend (the only backend the ``nvidia-pytriton`` wheel ships). Both take the *normalised*
@@ -26,7 +26,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from shared.schemas import ModelType
-from workers.fileio import atomic_write
+from workers.serving.fileio import atomic_write
 
 INPUT_NAME = "INPUT__0"
 OUTPUT_NAME = "OUTPUT__0"
@@ -156,7 +156,7 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def write_model_files(repository: Path, model: RepoModel) -> bool:
     """Write ``config.pbtxt`` (and ``model.py`` for the python backend) of ``model``; ``model.pt`` is written
-    separately (:func:`workers.torchscript_convert.ensure_torchscript`). Other versions of the model are
+    separately (:func:`workers.serving.torchscript_convert.ensure_torchscript`). Other versions of the model are
     removed, so that the ``latest 1`` policy serves this one. Returns True when anything changed.
     """
     changed = False

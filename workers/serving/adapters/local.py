@@ -20,9 +20,9 @@ import torch
 from shared.errors import FleetError, InvalidInputError, ModelLoadError, ModelNotFoundError, PredictionError
 from shared.schemas import ModelInfo, ModelType, PredictInputs, PredictionResult, TimeFrame
 from shared.settings import FleetSettings
-from workers import inference
-from workers.adapters.base import InputData, ServingAdapter
-from workers.cache import ModelCache
+from workers.models import inference
+from workers.serving.adapters.base import InputData, ServingAdapter
+from workers.serving.cache import ModelCache
 from workers.store import LoadedArtifacts, ModelStore
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -109,7 +109,8 @@ class LocalTorchAdapter(ServingAdapter):
             model_id=model_id, symbol=symbol, timeframe=TimeFrame(timeframe), model_type=ModelType(model_type),
             model_path=str(artifacts.path), is_loaded=True, loaded_at=time.time(),
             memory_usage_mb=round(size / 2**20, 4), version=artifacts.version,
-            metadata={"adapter": self.name, "device": str(self.torch_device), "config": _public_config(artifacts.config),
+            metadata={"adapter": self.name, "device": str(self.torch_device),
+                      "config": _public_config(artifacts.config),
                       "heldout": artifacts.meta.get("heldout", {}), **self._load_metadata(handle)},
         )
         self.cache.put(model_id, LoadedModel(info, forward, artifacts.config, artifacts.meta, size, handle))
@@ -130,7 +131,8 @@ class LocalTorchAdapter(ServingAdapter):
 
     def health_check(self) -> dict[str, Any]:
         healthy = self.torch_device.type != "cuda" or torch.cuda.is_available()
-        return {"healthy": healthy, "adapter": self.name, "device": str(self.torch_device),
+        reason = {} if healthy else {"reason": f"{self.torch_device} is not available in this process"}
+        return {"healthy": healthy, **reason, "adapter": self.name, "device": str(self.torch_device),
                 "models_loaded": len(self.cache), "cache_mb": round(self.cache.current_bytes / 2**20, 3)}
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from shared.settings import FleetSettings
-from workers.adapters.local import Forward, LocalTorchAdapter
+from workers.serving.adapters.local import Forward, LocalTorchAdapter
 from workers.store import LoadedArtifacts, ModelStore
 
 

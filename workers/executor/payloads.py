@@ -11,6 +11,13 @@ from shared.errors import InvalidInputError
 M = TypeVar("M", bound=BaseModel)
 
 
+def first_error(exc: ValidationError) -> str:
+    """``loc: message`` of the first problem pydantic found."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
+
+
 def parse_job(schema: type[M], raw: Any) -> M:
     """Validate ``raw`` as ``schema``; an :class:`InvalidInputError` naming the first bad field otherwise."""
     if not isinstance(raw, dict):

@@ -3,9 +3,9 @@
 A stored model is compiled (traced with a real example input, or scripted), frozen and optimised for
 inference, and saved next to it as ``<model_dir>/<model_id>_torchscript.pt`` with a sidecar JSON holding the
 hash of its source; later loads, in any worker process, reuse that artefact while the source is unchanged (see
-:mod:`workers.torchscript_convert`). Everything else (the per-process cache, validation, batching,
-de-normalisation) is :class:`~workers.adapters.local.LocalTorchAdapter`'s, so forecasts match the simple
-adapter's within :data:`workers.torchscript_convert.ATOL` / ``RTOL`` on the normalised outputs.
+:mod:`workers.serving.torchscript_convert`). Everything else (the per-process cache, validation, batching,
+de-normalisation) is :class:`~workers.serving.adapters.local.LocalTorchAdapter`'s, so forecasts match the simple
+adapter's within :data:`workers.serving.torchscript_convert.ATOL` / ``RTOL`` on the normalised outputs.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, Callable
 import torch
 
 from shared.settings import FleetSettings
-from workers.adapters.local import Forward, LocalTorchAdapter
+from workers.serving.adapters.local import Forward, LocalTorchAdapter
 from workers.models.registry import param_bytes
 from workers.store import LoadedArtifacts, ModelStore
-from workers.torchscript_convert import (CompileOptions, CompileReport, configure_fusion, ensure_torchscript,
+from workers.serving.torchscript_convert import (CompileOptions, CompileReport, configure_fusion, ensure_torchscript,
                                          model_id_of, store_artefact_path)
 
 

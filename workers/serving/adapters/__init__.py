@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 from shared.settings import FleetSettings
 
 if TYPE_CHECKING:
-    from workers.adapters.base import ServingAdapter
+    from workers.serving.adapters.base import ServingAdapter
 
 #: adapter name -> "module:class". Imported on demand so a pool never imports runtimes it does not serve.
 ADAPTER_CLASSES: dict[str, str] = {
-    "simple": "workers.adapters.simple:SimpleServingAdapter",
-    "torchscript": "workers.adapters.torchscript:TorchScriptServingAdapter",
-    "triton": "workers.adapters.triton:TritonServingAdapter",
+    "simple": "workers.serving.adapters.simple:SimpleServingAdapter",
+    "torchscript": "workers.serving.adapters.torchscript:TorchScriptServingAdapter",
+    "triton": "workers.serving.adapters.triton:TritonServingAdapter",
     # NOTE: the torchserve queue is reserved by routing, but no TorchServe adapter ships yet (TorchServe is in
     # limited maintenance upstream; the benchmark drives a real TorchServe directly). Jobs routed there fail
     # with a typed AdapterUnavailableError.

@@ -1,13 +1,13 @@
 """``TritonServingAdapter``: the model's forward runs on a Triton Inference Server, the rest in the worker.
 
-Loading a model writes it into the shared model repository (:mod:`workers.adapters.triton_repo`: a TorchScript
+Loading a model writes it into the shared model repository (:mod:`workers.serving.adapters.triton_repo`: a TorchScript
 ``model.pt``, reused while its source is unchanged, plus ``config.pbtxt``), then asks the server, which runs
 in explicit model-control mode, to load it through the repository API and waits until it is ready. Predictions
-reuse :class:`~workers.adapters.local.LocalTorchAdapter` whole (validation, normalisation, batching of many
-requests into one forward, de-normalisation through :mod:`workers.inference`); only the forward is a Triton
+reuse :class:`~workers.serving.adapters.local.LocalTorchAdapter` whole (validation, normalisation, batching of many
+requests into one forward, de-normalisation through :mod:`workers.models.inference`); only the forward is a Triton
 ``infer`` call with binary tensors, so forecasts match the other adapters'.
 
-The per-process :class:`~workers.cache.ModelCache` is this process's bookkeeping of the models it loaded: an
+The per-process :class:`~workers.serving.cache.ModelCache` is this process's bookkeeping of the models it loaded: an
 eviction (LRU, memory, idle TTL) or an unload job unloads the model on the server. The server is shared by
 every process of the pool, so a process may find a model gone (another process unloaded it, or the server
 restarted): the forward then loads it again, once, and retries.
@@ -35,12 +35,12 @@ from shared.errors import (AdapterUnavailableError, FleetError, InvalidInputErro
                            ModelNotFoundError, PredictionError)
 from shared.schemas import ModelType, TimeFrame
 from shared.settings import FleetSettings, TritonSettings
-from workers.adapters.local import Forward, LoadedModel, LocalTorchAdapter
-from workers.adapters.triton_repo import (MODEL_FILE, RepoModel, TensorSpec, model_io, version_dir,
+from workers.serving.adapters.local import Forward, LoadedModel, LocalTorchAdapter
+from workers.serving.adapters.triton_repo import (MODEL_FILE, RepoModel, TensorSpec, model_io, version_dir,
                                           write_model_files)
 from workers.models.registry import param_bytes
 from workers.store import LoadedArtifacts, ModelStore
-from workers.torchscript_convert import CompileOptions, ensure_torchscript, model_id_of
+from workers.serving.torchscript_convert import CompileOptions, ensure_torchscript, model_id_of
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,124 @@
+"""One batching-engine consumer: a worker process that takes batches off its pool's queue and runs them.
+
+It keeps Celery's wire contract — producers ``send_task('fleet.predict', kwargs={'job': ...})`` on
+``infer.<adapter>.<device>``, results land in Celery's result backend — and changes only how messages are taken:
+one Lua call (:mod:`workers.engines.batching.fetch`) pops up to ``BATCH_MAX_BATCH_SIZE`` messages, records them
+as unacknowledged and held by this process and begins their jobs; the executor runs them (one forward per model)
+and stores results, records, events, stats and the acks in one MULTI. Task events go out once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+from shared import routing
+from shared.celery_wire import message_ids, read_message
+from shared.errors import InvalidInputError, as_fleet_error
+from shared.tasks import PREDICT
+from workers.engines.batching.fetch import BatchFetcher, Fetched
+from workers.engines.batching.redelivery import Redelivery, ack
+from workers.executor.delivery import Begun, Delivery
+from workers.executor.policies import Skip
+from workers.process import ProcessContext
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    """Consumes one pool queue in batches until :meth:`stop` (the batch in hand is finished first)."""
+
+    def __init__(self, context: ProcessContext, queue: str, events: Any = None, slot: Any = None) -> None:
+        self.context = context
+        self.redis = context.redis
+        settings = context.settings
+        self.keys = context.keys
+        self.held_key = self.keys.worker_deliveries(context.worker_id)
+        self.fetcher = BatchFetcher(self.redis, routing.redis_list_keys(queue), self.keys, context.worker_id,
+                                    settings.result_ttl_seconds, settings.batch.max_batch_size)
+        self.redelivery = Redelivery(self.redis, self.keys)
+        self.visibility_timeout = 2 * settings.job_time_limit_seconds
+        self.events = events
+        self.slot = slot
+        """Shared with the supervisor: ``busy_since`` (0 when idle) and jobs done, per task kind."""
+        self._stop = threading.Event()
+        self._next_sweep = 0.0
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def decode(self, batch: Fetched) -> tuple[list[Delivery], list[Begun]]:
+        """Messages -> deliveries; an unreadable one is refused (its job fails typed when its id is known)."""
+        deliveries, begun = [], []
+        for raw, started in zip(batch.raws, batch.begun):
+            tag, job_id = message_ids(raw)
+            try:
+                msg = read_message(raw)
+                delivery = Delivery(msg.task_id, msg.task, msg.kwargs.get("job"), tag=msg.tag)
+            except Exception as exc:
+                log.error("refused message %s (job %s): %s", tag, job_id, exc)
+                delivery = Delivery(job_id or "", "", None, tag=tag, refused=as_fleet_error(exc))
+            if started is None:  # the fetch could not read it either: nothing recorded, nothing to ack
+                delivery.tag = None
+                if not delivery.job_id:
+                    log.error("dropped a message that is not a task message: %r", raw[:200])
+                    continue
+                delivery.refused = delivery.refused or InvalidInputError("the message is not a kombu envelope")
+                started = Begun(batch.started_at, False, 1, False)
+            deliveries.append(delivery)
+            begun.append(started)
+        return deliveries, begun
+
+    def _ack(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
+        ack(pipe, self.held_key, [d.tag for d in deliveries if d.tag])
+
+    def handle(self, batch: Fetched) -> None:
+        deliveries, begun = self.decode(batch)
+        if self.events is not None:
+            for d in deliveries:
+                self.events.received(d.job_id, d.task, routing_key=self.fetcher.lists[0])
+                self.events.started(d.job_id)
+            if any(d.task != PREDICT for d in deliveries):
+                self.events.flush()  # a long job: let Flower show it running now
+        outcomes = self.context.executor.run(deliveries, begun, ack=self._ack)
+        runtime = time.time() - batch.started_at
+        if self.slot is not None:
+            self.slot.done(len(deliveries))
+        if self.events is not None:
+            for d, outcome in zip(deliveries, outcomes):
+                if isinstance(outcome, Exception):
+                    self.events.failed(d.job_id, runtime, f"{type(outcome).__name__}({str(outcome)!r})")
+                elif not isinstance(outcome, Skip):
+                    self.events.succeeded(d.job_id, runtime)
+            self.events.flush()
+
+    def run(self) -> None:
+        log.info("batching consumer %s on %s, batches of up to %d", self.context.worker_id, self.fetcher.lists[0],
+                 self.fetcher.max_messages)
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= self._next_sweep:
+                    self.redelivery.sweep(self.visibility_timeout)
+                    self._next_sweep = time.monotonic() + max(1.0, self.visibility_timeout / 4)
+                batch = self.fetcher.fetch(block_s=1.0)
+            except Exception as exc:
+                log.error("fetching from Redis failed (%s); retrying", exc)
+                self._stop.wait(1.0)
+                continue
+            if not batch.raws:
+                continue
+            if self.slot is not None:
+                self.slot.busy(batch.started_at)
+            try:
+                self.handle(batch)
+            except Exception:  # the batch stays held and unacked: the supervisor or the sweep gives it back
+                log.exception("a batch of %d failed outside the jobs", len(batch.raws))
+            finally:
+                if self.slot is not None:
+                    self.slot.busy(0.0)

@@ -1,0 +1,46 @@
+"""The Celery engine's request class: a job past its hard time limit ends as the job's typed error.
+
+Celery's pool kills the child and, in the worker's main process, calls :meth:`on_timeout`; Celery itself would
+store a ``TimeLimitExceeded`` (not with ``ignore_result``), so this stores the job's ``JobTimeoutError``
+outcome the way the executor does, then lets Celery acknowledge the message (it is never run again).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery.worker.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _parent_outcomes() -> Any:
+    """An outcome writer for the worker's main process (no stats: the job made no prediction)."""
+    from shared.celery_app import app
+    from shared.jobs import JobRecorder
+    from shared.keys import Keys
+    from shared.settings import get_settings
+    from workers.executor.outcomes import CeleryResultEncoder, OutcomeWriter
+    from workers.process import redis_client
+
+    settings = get_settings()
+    redis = redis_client(settings)
+    recorder = JobRecorder(redis, Keys(settings.redis_key_prefix), settings.result_ttl_seconds)
+    return OutcomeWriter(redis, recorder, None, CeleryResultEncoder(app.backend), settings.result_ttl_seconds)
+
+
+class FleetRequest(Request):
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft:
+            from shared.errors import JobTimeoutError
+            from workers.executor.outcomes import FinishedJob
+
+            try:
+                err = JobTimeoutError(f"job {self.id} ran past its time limit of {timeout:g} s")
+                _parent_outcomes().finish([FinishedJob(self.id, None, err)])
+            except Exception:  # the ack below must still happen: the job must not run again
+                log.exception("could not store the time-out of job %s", self.id)
+        super().on_timeout(soft, timeout)
