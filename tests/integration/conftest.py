@@ -79,13 +79,13 @@ class WorkerProcess:
     """A real ``fleet worker`` process consuming one pool's queue."""
 
     def __init__(self, settings: FleetSettings, log_path: Path, adapter: str = "simple", concurrency: int = 1,
-                 pool: str = "prefork", batching: bool = False, engine: str = "celery", **env: str) -> None:
+                 pool: str = "prefork", engine: str = "batching", **env: str) -> None:
         self.settings = settings
         self.log_path = log_path
         self.log = open(log_path, "w")
-        args = ["worker", "--adapter", adapter, "--device", "cpu", "-P", pool]
-        args += ["--batching"] if batching else ["-c", str(concurrency), "--no-batching"]
-        args += ["--engine", engine]
+        self.engine = engine
+        args = ["worker", "--engine", engine, "--adapter", adapter, "--device", "cpu", "-c", str(concurrency)]
+        args += ["-P", pool] if engine == "celery" else []
         self.proc = subprocess.Popen(
             fleet_cmd(*args),
             env=fleet_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -112,6 +112,12 @@ class WorkerProcess:
         except ProcessLookupError:
             return False
 
+    def processes(self) -> list[int]:
+        """Pids of the processes that run jobs (heart-beating now)."""
+        reader = StatsReader(redis_lib.Redis.from_url(self.settings.redis_url), Keys(self.settings.redis_key_prefix))
+        return sorted(int(reader.redis.hget(reader.keys.worker_stats(w), "pid")) for w in reader.live_workers()
+                      if self._is_mine(reader, w))
+
     def output(self) -> str:
         return self.log_path.read_text()
 
@@ -124,6 +130,15 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
+
+
+#: The two worker engines: every contract test runs on both (dramatiq-style backend fixtures).
+ENGINES = ["batching", "celery"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture()

@@ -62,7 +62,6 @@ def test_built_message_matches_what_send_task_writes(fleet_settings, redis_clien
         {k: v for k, v in theirs["properties"].items() if k not in volatile_props}
 
 
-@pytest.mark.parametrize("engine", ["celery", "direct"])
 async def test_api_jobs_are_served_by_both_engines(api, start_worker, redis_client, engine) -> None:
     start_worker(engine=engine, concurrency=1)
     headers = {"Content-Type": "application/msgpack"}
@@ -98,10 +97,10 @@ async def test_watch_survives_a_dropped_connection(api, start_worker, fleet_sett
     killer = redis_lib.Redis.from_url(fleet_settings.redis_url)
 
     async def watching() -> bool:  # the wait's subscription is live on the shared connection
-        return killer.pubsub_numsub(Keys.celery_result(job_id))[0][1] == 1
+        return killer.pubsub_numsub(Keys(fleet_settings.redis_key_prefix).job_events(job_id))[0][1] == 1
     await wait_for_async(watching, 10, "the wait to subscribe")
     assert killer.client_kill_filter(_type="pubsub") >= 1
-    start_worker(engine="direct", concurrency=1)
+    start_worker(concurrency=1)
     resp = await asyncio.wait_for(waiter, 40)
     doc = await resp.json()
     assert resp.status == 200 and doc["status"] == "succeeded", doc["error"]

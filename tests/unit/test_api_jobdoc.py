@@ -6,7 +6,6 @@ import pytest
 
 from producer_api.jobdoc import build_document, decode_meta
 from producer_api.records import JobRecords
-from shared.jobs import JobRecorder
 from tests.unit.test_api_helpers import KEYS, aredis, failure, server, sredis  # noqa: F401
 
 

@@ -1,8 +1,8 @@
 """The Celery engine's request class: a job past its hard time limit ends as the job's typed error.
 
-Celery's pool kills the child and, in the worker's main process, calls :meth:`on_timeout`; Celery itself would
-store a ``TimeLimitExceeded`` (not with ``ignore_result``), so this stores the job's ``JobTimeoutError``
-outcome the way the executor does, then lets Celery acknowledge the message (it is never run again).
+Celery's pool kills the child and, in the worker's main process, calls :meth:`on_timeout`; Celery acknowledges
+the message (it is never run again) and stores a ``TimeLimitExceeded``, over which this stores the job's
+``JobTimeoutError`` outcome (result, record, event) the way the executor does.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def _parent_outcomes() -> Any:
 
 class FleetRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
+        # NOTE: Celery first (it acknowledges, and may store its own TimeLimitExceeded), then the job's own error.
+        super().on_timeout(soft, timeout)
         if not soft:
             from shared.errors import JobTimeoutError
             from workers.executor.outcomes import FinishedJob
@@ -41,6 +43,5 @@ class FleetRequest(Request):
             try:
                 err = JobTimeoutError(f"job {self.id} ran past its time limit of {timeout:g} s")
                 _parent_outcomes().finish([FinishedJob(self.id, None, err)])
-            except Exception:  # the ack below must still happen: the job must not run again
+            except Exception:  # Celery acknowledged already: the job does not run again either way
                 log.exception("could not store the time-out of job %s", self.id)
-        super().on_timeout(soft, timeout)

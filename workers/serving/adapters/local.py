@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared.errors import FleetError, InvalidInputError, ModelLoadError, ModelNotFoundError, PredictionError
 from shared.schemas import ModelInfo, ModelType, PredictInputs, PredictionResult, TimeFrame
@@ -181,6 +182,8 @@ class LocalTorchAdapter(ServingAdapter):
                 for i, _ in members:
                     out[i] = exc
                 continue
+            except SoftTimeLimitExceeded:
+                raise  # the job's time limit, not a failed forward: the executor ends the job with it
             except Exception as exc:
                 for i, _ in members:
                     out[i] = PredictionError(f"forward failed: {type(exc).__name__}: {exc}")
@@ -210,6 +213,8 @@ class LocalTorchAdapter(ServingAdapter):
             try:
                 token_ids = inference.encode_texts(texts, entry.config)
                 probs, labels, _ = inference.run_sentiment(entry.forward, token_ids, entry.config)
+            except SoftTimeLimitExceeded:
+                raise
             except Exception as exc:
                 err = exc if isinstance(exc, FleetError) else PredictionError(f"forward failed: {exc}")
                 for i, _, _ in spans:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared.errors import (AdapterUnavailableError, FleetError, InvalidInputError, ModelLoadError,
                            ModelNotFoundError, PredictionError)
@@ -129,8 +130,9 @@ class TritonConnection:
             try:
                 return getattr(self._client(long), method)(*args, **kwargs)
             except BaseException as exc:
-                if not isinstance(exc, Exception) and not _is_gevent_timeout(exc):
-                    raise  # KeyboardInterrupt, SystemExit
+                if isinstance(exc, SoftTimeLimitExceeded) or (
+                        not isinstance(exc, Exception) and not _is_gevent_timeout(exc)):
+                    raise  # the job's time limit; KeyboardInterrupt, SystemExit
                 err = map_error(exc, what, self.url)
                 if not isinstance(err, AdapterUnavailableError):
                     raise err from None
