@@ -20,28 +20,13 @@ OPEN_LOOP_FRACTION = 0.6
 BATCH_JOB_SIZE = 64
 BATCH_JOB_CONCURRENCY = 4
 
-#: Rows per forward in every fleet mode: (a) shows the reference model runs fastest per row at batch 8 on this
-#: kind of CPU (2 processes x 1 thread: 388/s at 8, 373/s at 1, 356/s at 32, 310/s at 64), so batches of up to
-#: 32 jobs (and batch jobs of 64) run as forwards of 8.
-FORWARD_ROWS = {"BATCH_PREFERRED_BATCH_SIZE": "8"}
-
-#: The fleet's pool configurations (engines). ``env`` is added to the worker's environment, ``pool`` and
-#: ``concurrency`` are its ``-P`` / ``-c`` options.
+#: The fleet's pool configurations (engines), each started with the real ``fleet worker`` command; ``env`` is
+#: added to the worker's environment. ``batching`` is the default configuration, exactly what ``fleet up`` and
+#: ``fleet worker`` run (no setting changed: users run the defaults); ``celery`` is Celery's own prefork worker.
 FLEET_MODES: dict[str, dict[str, Any]] = {
-    "batching-off": {"pool": "prefork", "concurrency": 2,
-                     "env": {"BATCH_ENABLED": "false", "WORKER_TORCH_THREADS": "1", **FORWARD_ROWS}},
-    # NOTE: one process running jobs on 32 threads; one batcher thread runs the batched forwards, one at a time.
-    # Torch threads: 1, as the fleet's own rule (cores // pool threads) gives. "2" lets that one forward use both
-    # cores (one A/B on a busy 2-core machine: ~100 vs ~74 pred/s at c=64), but a 2-thread OpenMP team collapses
-    # when anything else takes a core (c=1 p50 went from 13 ms to 340 ms with one foreign busy core).
-    # Left out of quick mode (``quick``: False) to keep it under three minutes; the full mode measures it.
-    "batching-on": {"pool": "threads", "concurrency": 32, "quick": False,
-                    "env": {"BATCH_ENABLED": "true", "BATCH_MAX_BATCH_SIZE": "32",
-                            "BATCH_MAX_BATCH_DELAY_MS": "2", "WORKER_TORCH_THREADS": "1", **FORWARD_ROWS}},
-    # The direct-consumer engine: two processes (one per core, one torch thread each) popping batches of up
-    # to 32 messages per round trip, results + acks of a batch in one MULTI.
-    "direct": {"pool": "direct", "concurrency": 2, "engine": "direct",
-               "env": {"BATCH_MAX_BATCH_SIZE": "32", "WORKER_TORCH_THREADS": "1", **FORWARD_ROWS}},
+    "batching": {"engine": "batching", "concurrency": 2, "env": {}},
+    # Measured in brief in quick mode (see bench.runner.plan) to stay under three minutes; in full otherwise.
+    "celery": {"engine": "celery", "concurrency": 2, "env": {}},
 }
 #: Result and job-record TTL given to the fleet under test (the bench makes ~10^5 results; a day would pile up).
 FLEET_RESULT_TTL_S = 300

@@ -12,6 +12,9 @@ from typing import Any, Callable, Iterable
 from bench.config import BATCH_JOB_SIZE, SATURATION_CONCURRENCY as SAT
 from bench.stats import ratio
 
+#: The fleet mode of bench.config.FLEET_MODES that is the default configuration.
+DEFAULT_ENGINE = "batching"
+
 Record = dict[str, Any]
 SYSTEM_ORDER = ("a", "b", "b2", "c", "d", "e", "f")
 SYSTEM_LABELS = {"a": "(a) in-process", "b": "(b) plain Celery", "b2": "(b2) celery-batches",
@@ -83,6 +86,12 @@ def compute_targets(records: list[Record]) -> list[dict[str, Any]]:
     d = best(records, system="d", model="ref", concurrency=SAT, **closed_predict)
     e = best(records, system="e", model="ref", concurrency=SAT, **closed_predict)
     f = best(records, system="f", model="ref", concurrency=SAT, **closed_predict)
+    default = dict(variant=DEFAULT_ENGINE, **closed_predict)
+    c_def = best(records, system="c", model="ref", concurrency=SAT, **default)
+    d_def = best(records, system="d", model="ref", concurrency=SAT, **default)
+    c_def_small = best(records, system="c", model="small", **default)
+    d_def_small = best(records, system="d", model="small", **default)
+    b2_small = best(records, system="b2", model="small", **closed_predict)
     tp = (lambda r: r["throughput"])
     tput = (lambda r: r["throughput"] if r else math.nan)
     p50 = (lambda r: r["p50_ms"])
@@ -109,6 +118,20 @@ def compute_targets(records: list[Record]) -> list[dict[str, Any]]:
                 e["p99_ms"] if e else math.nan, "ms (p99)", higher_better=False),
         _target("d-p99-vs-f", f"(d) saturated (c={SAT}): p99 lower than (f)", d, p99,
                 f["p99_ms"] if f else math.nan, "ms (p99)", higher_better=False),
+        # The default configuration (what `fleet up` runs), against the baselines and the committed figures of
+        # the direct engine it replaced (0.63x / 2.0x through Celery, 0.71x / 2.2x through HTTP, 2026-11-25).
+        _target("default-small-vs-b2", "default config, small model, saturated, Celery producer: >= best (b2)",
+                c_def_small, tp, tput(b2_small), "pred/s", basis=f"(b2) small {tput(b2_small):.1f}/s"),
+        _target("default-small-d-vs-b", "default config, small model, saturated, HTTP: >= 3x (b)", d_def_small, tp,
+                3 * tput(b_small), "pred/s", basis=f"(b) small {tput(b_small):.1f}/s"),
+        _target("default-c-vs-a", f"default config, reference, c={SAT}, Celery producer: >= 0.63x (a)", c_def, tp,
+                0.63 * tput(a), "pred/s", basis=f"(a) limit {tput(a):.1f}/s"),
+        _target("default-c-vs-b", f"default config, reference, c={SAT}, Celery producer: >= 2.0x (b)", c_def, tp,
+                2.0 * tput(b), "pred/s", basis=f"(b) {tput(b):.1f}/s"),
+        _target("default-d-vs-a", f"default config, reference, c={SAT}, HTTP: >= 0.71x (a)", d_def, tp,
+                0.71 * tput(a), "pred/s", basis=f"(a) limit {tput(a):.1f}/s"),
+        _target("default-d-vs-b", f"default config, reference, c={SAT}, HTTP: >= 2.2x (b)", d_def, tp,
+                2.2 * tput(b), "pred/s", basis=f"(b) {tput(b):.1f}/s"),
     ]
 
 

@@ -33,8 +33,8 @@ ALL_SYSTEMS = ("a", "b", "b2", "c", "d", "e", "f")
 def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
     """The points measured on ``system`` in ``mode`` (open-loop points are added once the rate is known)."""
     cs = mode.concurrencies
-    # NOTE: quick mode measures the fastest engine (direct) in full and the prefork engine in brief.
-    on_quick = fleet_mode != "direct" and not mode.extended
+    # NOTE: quick mode measures the default engine (batching) in full and Celery's prefork engine in brief.
+    on_quick = fleet_mode != "batching" and not mode.extended
     if system == "b":
         return [Point("ref", "json-list", concurrency=c) for c in cs] + [Point("small", "json-list", concurrency=SAT)]
     if system == "b2":
@@ -52,7 +52,7 @@ def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
         points = [Point("ref", "msgpack-tensor", concurrency=c) for c in (cs if not on_quick else (1, SAT))]
         if not on_quick:
             points.append(Point("ref", "json-list", concurrency=SAT))
-        if mode.extended:
+        if mode.extended or not on_quick:
             points.append(Point("small", "msgpack-tensor", concurrency=SAT))
         return points
     if system in ("e", "f"):
@@ -168,9 +168,6 @@ class Runner:
         for db, fleet_mode in enumerate(config.FLEET_MODES, start=3):
             if "c" not in self.systems and "d" not in self.systems:
                 break
-            if not self.mode.extended and not config.FLEET_MODES[fleet_mode].get("quick", True):
-                self.log(f"[c/d] {fleet_mode}: not in quick mode")
-                continue
             deployment = FleetDeployment(ctx, fleet_mode, db)
             try:
                 if "c" in self.systems:

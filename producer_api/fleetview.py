@@ -41,17 +41,22 @@ async def models_held(redis: Any, keys: Keys, workers: list[str]) -> dict[str, l
     return held
 
 
-async def workers_by_queue(redis: Any, keys: Keys) -> dict[str, list[str]]:
-    """Queue -> live workers consuming it, from the ``queues`` field workers put in their stats hash."""
+async def workers_by_queue(redis: Any, keys: Keys) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """Queue -> live healthy workers consuming it, and queue -> {unhealthy worker: its reason}, from the
+    ``queues``, ``healthy`` and ``unhealthy_reason`` fields workers put in their stats hash."""
     workers = await live_workers(redis, keys)
     pipe = redis.pipeline(transaction=False)
     for worker in workers:
-        pipe.hget(keys.worker_stats(worker), "queues")
-    by_queue: dict[str, list[str]] = {}
-    for worker, queues in zip(workers, await pipe.execute()):
+        pipe.hmget(keys.worker_stats(worker), "queues", "healthy", "unhealthy_reason")
+    healthy: dict[str, list[str]] = {}
+    unhealthy: dict[str, dict[str, str]] = {}
+    for worker, (queues, ok, reason) in zip(workers, await pipe.execute()):
         for queue in filter(None, _text(queues or b"").split(",")):
-            by_queue.setdefault(queue.strip(), []).append(worker)
-    return by_queue
+            if _text(ok or b"1") == "1":
+                healthy.setdefault(queue.strip(), []).append(worker)
+            else:
+                unhealthy.setdefault(queue.strip(), {})[worker] = _text(reason or b"") or "unhealthy"
+    return healthy, unhealthy
 
 
 async def queue_depths(redis: Any) -> dict[str, int]:

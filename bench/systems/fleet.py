@@ -1,7 +1,7 @@
 """(c) and (d): the fleet, through its Celery interface and through its HTTP API, on the same worker pool.
 
-A :class:`FleetDeployment` is one pool configuration of :data:`bench.config.FLEET_MODES` (batching off:
-prefork 2; batching on: the batching env on a thread pool) started with the real ``fleet worker`` command on a
+A :class:`FleetDeployment` is one pool configuration of :data:`bench.config.FLEET_MODES` (the default batching
+engine, or Celery's prefork engine, two processes each) started with the real ``fleet worker`` command on a
 Redis database of its own. :class:`FleetCelery` sends ``fleet.predict`` / ``fleet.batch_predict`` by name with
 :func:`shared.celery_app.create_celery_app` and the queue from :mod:`shared.routing`; :class:`FleetHttp` starts
 ``fleet api`` on the same Redis and posts ``/v1/predict?wait=30``.
@@ -54,17 +54,13 @@ class FleetDeployment:
 
     @property
     def processes(self) -> int:
-        return self.spec["concurrency"] if self.spec["pool"] in ("prefork", "direct") else 1
+        return self.spec["concurrency"]
 
     def start_workers(self) -> None:
         if self.workers is not None:
             return
-        if self.spec.get("engine") == "direct":
-            argv = fleet_argv("worker", "--adapter", ADAPTER, "--device", DEVICE, "--engine", "direct",
-                              "-c", str(self.spec["concurrency"]), "-l", "WARNING")
-        else:
-            argv = fleet_argv("worker", "--adapter", ADAPTER, "--device", DEVICE, "-c", str(self.spec["concurrency"]),
-                              "-P", self.spec["pool"], "-l", "WARNING")
+        argv = fleet_argv("worker", "--engine", self.spec["engine"], "--adapter", ADAPTER, "--device", DEVICE,
+                          "-c", str(self.spec["concurrency"]), "-l", "WARNING")
         self.workers = Proc(f"fleet-worker-{self.mode}", argv, self.env(), self.ctx.log_dir,
                             cpus=self.ctx.server_cpus, cwd=ROOT)
         import redis

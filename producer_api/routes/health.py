@@ -30,10 +30,13 @@ async def readyz(request: web.Request) -> web.Response:
         required = routing.pools_from_spec(c.settings.pools)
     except ValueError as exc:
         raise NotReadyError(f"POOLS is invalid: {exc}", field="pools") from None
-    by_queue = await fleetview.workers_by_queue(c.redis, c.keys)
+    by_queue, unhealthy = await fleetview.workers_by_queue(c.redis, c.keys)
     missing = [queue for queue in required if not by_queue.get(queue)]
     if missing:
-        raise NotReadyError(f"no live worker consumes {', '.join(missing)}", field="pools")
+        why = [f"{queue}: " + ("; ".join(f"{w} unhealthy: {r}" for w, r in unhealthy[queue].items())
+                               if unhealthy.get(queue) else "no live worker")
+               for queue in missing]
+        raise NotReadyError(f"pools not ready: {' | '.join(why)}", field="pools")
     return web.json_response(Health(status="ready", workers={q: len(by_queue[q]) for q in required}).model_dump())
 
 

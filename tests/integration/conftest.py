@@ -79,12 +79,12 @@ class WorkerProcess:
     """A real ``fleet worker`` process consuming one pool's queue."""
 
     def __init__(self, settings: FleetSettings, log_path: Path, adapter: str = "simple", concurrency: int = 1,
-                 pool: str = "prefork", engine: str = "batching", **env: str) -> None:
+                 pool: str = "prefork", engine: str = "batching", device: str = "cpu", **env: str) -> None:
         self.settings = settings
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.engine = engine
-        args = ["worker", "--engine", engine, "--adapter", adapter, "--device", "cpu", "-c", str(concurrency)]
+        args = ["worker", "--engine", engine, "--adapter", adapter, "--device", device, "-c", str(concurrency)]
         args += ["-P", pool] if engine == "celery" else []
         self.proc = subprocess.Popen(
             fleet_cmd(*args),

@@ -47,7 +47,7 @@ def test_built_message_matches_what_send_task_writes(fleet_settings, redis_clien
     finally:
         app.close()
     key, ours = celery_wire.task_message(tasks.PREDICT, job_id, {"job": job}, queue, 4)
-    assert key == "infer.simple.cpu:3" and redis_client.llen(key) == 1
+    assert key == "infer.simple.cpu\x06\x163" and redis_client.llen(key) == 1
     theirs = json.loads(redis_client.rpop(key))
     mine = json.loads(ours)
     assert base64.b64decode(mine["body"]) == base64.b64decode(theirs["body"])

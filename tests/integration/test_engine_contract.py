@@ -256,3 +256,15 @@ def test_a_result_read_back_by_a_celery_client_after_a_restart_is_the_same(engin
     first = res.get(timeout=TIMEOUT)
     again = AsyncResult(res.id, app=producer).get(timeout=5)
     assert again == first and again["model_info"]["model_id"] == "MSFT_1h_patchtst"
+
+
+def test_a_pool_whose_adapter_cannot_set_up_reports_unhealthy_with_the_reason(engine, start_worker, stats) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the cuda pool sets up fine")
+    worker = start_worker(engine=engine, concurrency=1, device="cuda")
+    (worker_id,) = worker.ids
+    raw = {k.decode(): v.decode() for k, v in stats.redis.hgetall(stats.keys.worker_stats(worker_id)).items()}
+    assert raw["healthy"] == "0" and "cuda" in raw["unhealthy_reason"], raw
+    assert raw["queues"] == "infer.simple.cuda" and worker.proc.poll() is None  # a state, not a crash

@@ -76,7 +76,13 @@ async def test_readyz_needs_a_live_worker_per_pool(client, sredis):
     assert error["type"] == "NotReadyError" and "infer.simple.cpu" in error["message"]
     StatsWriter(sredis, KEYS, "gone|1").heartbeat([], now=time.time() - 60, queues="infer.simple.cpu")
     assert (await client.get("/readyz")).status == 503
-    StatsWriter(sredis, KEYS, "w|2").heartbeat([], queues="infer.simple.cpu,infer.simple.cuda")
+    # a live worker whose adapter failed to set up: not ready, and the reason is named
+    StatsWriter(sredis, KEYS, "sick|3").heartbeat([], queues="infer.simple.cpu", healthy=0,
+                                                  unhealthy_reason="simple:cpu: cuda is not available in this process")
+    resp = await client.get("/readyz")
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 503 and "sick|3 unhealthy: simple:cpu: cuda is not available" in message, message
+    StatsWriter(sredis, KEYS, "w|2").heartbeat([], queues="infer.simple.cpu,infer.simple.cuda", healthy=1)
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ready", "workers": {"infer.simple.cpu": 1}}

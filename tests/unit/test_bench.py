@@ -81,7 +81,7 @@ def records() -> list[dict]:
         rec("a", model="small", concurrency=64, throughput=9000.0, pattern="inprocess", kind="forward"),
         rec("b", throughput=300.0), rec("b", model="small", throughput=1000.0),
         rec("b2", throughput=500.0),
-        rec("c", throughput=800.0, variant="batching-on"), rec("c", throughput=600.0, variant="batching-off"),
+        rec("c", throughput=800.0, variant="batching"), rec("c", throughput=600.0, variant="celery"),
         rec("c", concurrency=1, throughput=90.0, p50=8.5), rec("c", concurrency=1, throughput=80.0, p50=12.0),
         rec("c", concurrency=4, kind="batch", throughput=950.0),
         rec("c", model="small", throughput=2500.0),
@@ -130,13 +130,13 @@ def test_write_produces_markdown_json_and_plot(tmp_path: Path, monkeypatch: pyte
     assert "serving, not accuracy" in md and "quick mode: 1 repetition" in md
     assert "| msgpack | 20 | 0.20x |" in md
     data = json.loads(paths["json"].read_text())  # strict JSON: NaN became null
-    assert len(data["records"]) == len(records()) and len(data["targets"]) == 10
+    assert len(data["records"]) == len(records()) and len(data["targets"]) == 16  # 10 + 6 (default config)
 
 
 def test_quick_plan_is_a_subset_of_the_full_plan() -> None:
     for system in ("b", "b2", "c", "d", "e", "f"):
-        quick = {p.label for p in plan(system, QUICK, "batching-on")}
-        full = {p.label for p in plan(system, FULL, "batching-on")}
+        quick = {p.label for p in plan(system, QUICK, "celery")}
+        full = {p.label for p in plan(system, FULL, "celery")}
         assert quick and quick <= full, system
-    batch = [p for p in plan("c", FULL, "batching-off") if p.kind == "batch"]
+    batch = [p for p in plan("c", FULL, "celery") if p.kind == "batch"]
     assert batch and batch[0].items == BATCH_JOB_SIZE

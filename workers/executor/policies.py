@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -110,9 +111,12 @@ class TimeLimit:
             raise SoftTimeLimitExceeded()
 
         previous = signal.signal(signal.SIGALRM, expired)
-        signal.setitimer(signal.ITIMER_REAL, self.soft_s)
+        armed_at = time.monotonic()
+        delay, interval = signal.setitimer(signal.ITIMER_REAL, self.soft_s)
         try:
             yield
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            if delay:  # a timer armed before this guard runs on, less the time spent inside it
+                signal.setitimer(signal.ITIMER_REAL, max(1e-3, delay - (time.monotonic() - armed_at)), interval)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class Consumer:
     """Consumes one pool queue in batches until :meth:`stop` (the batch in hand is finished first)."""
 
-    def __init__(self, context: ProcessContext, queue: str, events: Any = None, slot: Any = None) -> None:
+    def __init__(self, context: ProcessContext, queue: str, events: Any = None, slot: Any = None,
+                 stop: threading.Event | None = None) -> None:
         self.context = context
         self.redis = context.redis
         settings = context.settings
@@ -43,7 +44,7 @@ class Consumer:
         self.events = events
         self.slot = slot
         """Shared with the supervisor: ``busy_since`` (0 when idle) and jobs done, per task kind."""
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._next_sweep = 0.0
 
     def stop(self, *_: Any) -> None:

@@ -60,6 +60,11 @@ class Slot:
 
 def consume(slot: Slot, adapter: str, device: str) -> None:
     """A consumer process: set up after the fork, consume until SIGTERM/SIGINT."""
+    # NOTE: first of all: the handlers inherited from the supervisor would swallow a SIGTERM that lands while
+    # this process sets up (it imports torch, builds its adapters) and it would never stop.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     from shared.celery_app import app
     from workers import process
     from workers.engines.batching.consumer import Consumer
@@ -68,9 +73,7 @@ def consume(slot: Slot, adapter: str, device: str) -> None:
     queue = queue_name(adapter, device)
     context = process.init_process(queues=[queue], arm_soft_limit=True)
     events = TaskEvents(app, process.node["hostname"])
-    consumer = Consumer(context, queue, events, slot)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, consumer.stop)
+    consumer = Consumer(context, queue, events, slot, stop=stop)
     try:
         consumer.run()
     finally:
