@@ -7,8 +7,9 @@ round trip of its own. Building the same message here lets the API push it in th
 
 The format is Celery's task protocol 2 inside kombu's Redis envelope (``kombu.transport.redis``): a JSON object
 with the base64 body, its content type, the task headers and the delivery properties; the list is the queue's
-name, suffixed ``:<step>`` for a priority step above 0. Celery workers, Flower and the direct engine read it like
-any other message (``tests/unit/test_celery_wire.py`` compares it with what ``send_task`` writes).
+name, suffixed with kombu's separator and the step for a priority step above 0. Celery workers, Flower and the
+batching engine read it like any other message (``tests/unit/test_celery_wire.py`` compares it with what
+``send_task`` writes).
 """
 
 from __future__ import annotations

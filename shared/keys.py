@@ -67,7 +67,7 @@ class Keys:
         return f"{self.prefix}:workers"
 
     def worker_deliveries(self, worker_id: str) -> str:
-        """Hash: delivery tag -> job id of the messages a batching-engine process holds now (fetch to ack).
+        """Hash: delivery tag -> "job id, task, fetch time" of what a batching-engine process holds (fetch to ack).
 
         Its supervisor gives them back to their queue the moment the process dies, instead of leaving them to
         the visibility timeout.

@@ -147,7 +147,9 @@ def test_a_batch_is_taken_recorded_and_every_job_begun_in_one_call(env: Env) -> 
     stored = env.unacked()
     assert set(stored) == {tag_p1, tag_l1}
     assert stored[tag_p1] == [json.loads(raw_p1), "", QUEUE]
-    assert env.held() == {tag_p1: f"{p1} {tasks.PREDICT}", tag_l1: f"{l1} {tasks.LOAD}"}
+    # job id, task and the fetch time (which tells deliveries of one tag apart)
+    now = repr(batch.started_at)
+    assert env.held() == {tag_p1: f"{p1} {tasks.PREDICT} {now}", tag_l1: f"{l1} {tasks.LOAD} {now}"}
 
     rest = env.fetcher.fetch(block_s=0)
     assert ids(rest) == [urgent_later] and rest.begun == [Begun(rest.started_at, False, 1, False)]

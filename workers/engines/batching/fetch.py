@@ -6,8 +6,8 @@ take more round trips per batch:
 * records it as unacknowledged in kombu's own ``unacked`` hash and ``unacked_index`` set (same names, same
   ``[message, exchange, routing key]`` form), so that nothing is lost when a whole host goes: the message is
   restored after the visibility timeout by this engine's sweep or by any Celery worker's;
-* records it as held by this process (``Keys.worker_deliveries``), so that when only the process dies its
-  supervisor gives the message back at once;
+* records it as held by this process (``Keys.worker_deliveries``: job id, task, fetch time), so that when only
+  the process dies its supervisor gives the message back at once;
 * begins its job (:data:`workers.executor.begin.BEGIN_LUA`, the same function the Celery engine runs):
   counts the delivery, reads the cancel flag, marks the record running.
 
@@ -57,7 +57,7 @@ local function take(m)
   redis.call('ZADD', index, now, tag)
   redis.call('HSET', unacked, tag,
              '[' .. m .. ',' .. cjson.encode(d['exchange'] or '') .. ',' .. cjson.encode(d['routing_key'] or '') .. ']')
-  redis.call('HSET', held, tag, h['id'] .. ' ' .. tostring(h['task']))
+  redis.call('HSET', held, tag, h['id'] .. ' ' .. tostring(h['task']) .. ' ' .. now)
   begun[#out] = begin(h['id'], now, c)
   return h['task'] == ARGV[3]
 end

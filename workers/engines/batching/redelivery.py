@@ -20,9 +20,12 @@ from workers.engines.batching.fetch import UNACKED, UNACKED_INDEX, UNACKED_MUTEX
 
 log = logging.getLogger(__name__)
 
-#: KEYS: unacked hash, its index, the holder's hash, the message's queue list. ARGV: tag, message.
+#: KEYS: unacked hash, its index, the holder's hash, the message's queue list. ARGV: tag, message, the fetch time
+#: the caller saw. NOTE: the fetch time tells deliveries of one tag apart: a message given back and taken again
+#: meanwhile (by another sweep, or after its first holder was swept) is another delivery, and is left alone.
 _GIVE_BACK = """
 redis.call('HDEL', KEYS[3], ARGV[1])
+if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1])) ~= tonumber(ARGV[3]) then return 0 end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[4], ARGV[2])
@@ -46,7 +49,7 @@ class Redelivery:
         self.keys = keys
         self._give_back = redis.register_script(_GIVE_BACK)
 
-    def _back(self, tag: str, raw: bytes | None, held_key: str) -> bool:
+    def _back(self, tag: str, raw: bytes | None, held_key: str, fetched_at: float | str) -> bool:
         if raw is None:  # acknowledged meanwhile, or an index entry without its message
             self.redis.pipeline().zrem(UNACKED_INDEX, tag).hdel(held_key, tag).execute()
             return False
@@ -59,19 +62,25 @@ class Redelivery:
             log.error("unacknowledged message %s is unreadable (%s); dropped from the unacked set", tag, exc)
             self.redis.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).hdel(held_key, tag).execute()
             return False
-        return bool(self._give_back(keys=[UNACKED, UNACKED_INDEX, held_key, target], args=[tag, json.dumps(payload)]))
+        return bool(self._give_back(keys=[UNACKED, UNACKED_INDEX, held_key, target],
+                                    args=[tag, json.dumps(payload), repr(float(fetched_at))]))
+
+    def holdings(self, worker_id: str) -> dict[str, tuple[str, str, str]]:
+        """Delivery tag -> (job id, task name, fetch time) of what a process holds now."""
+        raw = self.redis.hgetall(self.keys.worker_deliveries(worker_id))
+        return {k.decode(): tuple((v.decode().split(" ", 2) + ["", ""])[:3]) for k, v in raw.items()}
 
     def held(self, worker_id: str) -> dict[str, tuple[str, str]]:
         """Delivery tag -> (job id, task name) of what a process holds now."""
-        raw = self.redis.hgetall(self.keys.worker_deliveries(worker_id))
-        return {k.decode(): tuple(v.decode().split(" ", 1) + [""])[:2] for k, v in raw.items()}
+        return {tag: (job_id, task) for tag, (job_id, task, _) in self.holdings(worker_id).items()}
 
     def give_back_held(self, worker_id: str) -> int:
         """Give back every message a (dead) process held; returns how many went back."""
         held_key = self.keys.worker_deliveries(worker_id)
-        tags = list(self.held(worker_id))
+        held = self.holdings(worker_id)
+        tags = list(held)
         raws = self.redis.hmget(UNACKED, tags) if tags else []
-        restored = sum(self._back(tag, raw, held_key) for tag, raw in zip(tags, raws))
+        restored = sum(self._back(tag, raw, held_key, held[tag][2] or "nan") for tag, raw in zip(tags, raws))
         self.redis.delete(held_key)
         if restored:
             log.warning("gave back %d message(s) held by %s", restored, worker_id)
@@ -85,10 +94,13 @@ class Redelivery:
         restored = 0
         try:
             ceiling = time.time() - visibility_timeout
-            tags = [t.decode() for t in self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling)]
-            raws = self.redis.hmget(UNACKED, tags) if tags else []
-            # NOTE: the holder is unknown here; its hash entry is left to its supervisor or expires with it.
-            restored = sum(self._back(tag, raw, self.keys.worker_deliveries("unknown")) for tag, raw in zip(tags, raws))
+            due = [(t.decode(), score) for t, score in
+                   self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, withscores=True)]
+            raws = self.redis.hmget(UNACKED, [t for t, _ in due]) if due else []
+            # NOTE: the holder is unknown here; its holdings entry stays, and is harmless: the fetch time in it no
+            # longer matches once the message is taken again, so its supervisor never gives that delivery back.
+            restored = sum(self._back(tag, raw, self.keys.worker_deliveries("unknown"), score)
+                           for (tag, score), raw in zip(due, raws))
         finally:
             if self.redis.get(UNACKED_MUTEX) == lock.encode():
                 self.redis.delete(UNACKED_MUTEX)
