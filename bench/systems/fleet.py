@@ -124,7 +124,7 @@ class FleetCelery(System):
         self.app = create_celery_app(deployment.settings, name="bench-fleet-producer")
         self.app.conf.update(CLIENT_CONF)
         spec = deployment.spec
-        self.notes.append(f"{spec['pool']} pool, -c {spec['concurrency']}, env {spec['env']}")
+        self.notes.append(f"{spec['engine']} engine, -c {spec['concurrency']}, env {spec['env'] or 'the defaults'}")
 
     def start(self) -> None:
         self.deployment.start_workers()
