@@ -75,10 +75,6 @@ class ModelStore:
         """Complete versions of ``key``, oldest first."""
         return store_layout.versions(self.root, key)
 
-    def latest_version(self, key: ModelKey) -> str | None:
-        found = self.versions(key)
-        return found[-1] if found else None
-
     def model_dir(self, key: ModelKey, version: str | None = None) -> Path:
         """Directory of ``version`` (the newest when None). Raises :class:`ModelNotFoundError` if absent."""
         return store_layout.model_dir(self.root, key, version)
