@@ -71,15 +71,13 @@ class ProcessContext:
 def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_limit: bool,
                   redis: Any = None) -> ProcessContext:
     """Wire one process's parts: adapter pool (set up now), outcome writer, policies, executor, heartbeat."""
-    from shared.celery_app import app  # the worker's app: its backend encodes results
-    from shared.jobs import JobRecorder
     from shared.keys import Keys
     from shared.routing import parse_queue_name
     from shared.stats import StatsWriter
     from workers.executor.begin import BeginScript
     from workers.executor.executor import JobExecutor
     from workers.executor.handlers import Handlers
-    from workers.executor.outcomes import CeleryResultEncoder, OutcomeWriter
+    from workers.executor.outcomes import outcome_writer
     from workers.executor.policies import TimeLimit, default_policies
     from workers.heartbeat import Heartbeat
     from workers.serving.pool import AdapterPool
@@ -91,8 +89,7 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
     pool = AdapterPool(settings)
     pool.setup([parse_queue_name(q) for q in queues])
     heartbeat = Heartbeat(stats, pool, queues)
-    outcomes = OutcomeWriter(redis, JobRecorder(redis, keys, settings.result_ttl_seconds), stats,
-                             CeleryResultEncoder(app.backend), settings.result_ttl_seconds)
+    outcomes = outcome_writer(redis, settings, stats)
     handlers = Handlers(pool, outcomes, cancelled=lambda job_id: bool(redis.exists(keys.job_cancelled(job_id))),
                         models_changed=heartbeat.publish)
     executor = JobExecutor(handlers, outcomes, BeginScript(redis, keys, me, settings.result_ttl_seconds),

@@ -62,6 +62,16 @@ class CeleryResultEncoder:
         return self.meta(job_id, "SUCCESS", outcome.model_dump(mode="json"))
 
 
+def outcome_writer(redis: Any, settings: Any, stats: StatsWriter | None = None) -> "OutcomeWriter":
+    """The outcome writer of a fleet process: records under the settings' prefix, results as the app's backend
+    encodes them; ``stats`` None in a process that makes no predictions (a supervisor, Celery's main process)."""
+    from shared.celery_app import app
+    from shared.keys import Keys
+
+    recorder = JobRecorder(redis, Keys(settings.redis_key_prefix), settings.result_ttl_seconds)
+    return OutcomeWriter(redis, recorder, stats, CeleryResultEncoder(app.backend), settings.result_ttl_seconds)
+
+
 class OutcomeWriter:
     """Stores outcomes and progress; every public method is one MULTI."""
 

@@ -88,6 +88,8 @@ class Supervisor:
         from shared.keys import Keys
         from workers import process
         from workers.engines.batching.redelivery import Redelivery
+        from workers.executor.outcomes import outcome_writer
+        from workers.executor.policies import TimeLimit
 
         self.settings = settings
         self.adapter, self.device = adapter, device
@@ -100,6 +102,8 @@ class Supervisor:
 
         self.redis = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.redelivery = Redelivery(self.redis, self.keys)
+        self.outcomes = outcome_writer(self.redis, settings)
+        self.time_limit = TimeLimit(settings.job_time_limit_seconds, arm_soft=False)
         self._ctx = multiprocessing.get_context("fork")
         self.slots = [Slot(self._ctx) for _ in range(processes)]
         self._stop = threading.Event()
@@ -142,29 +146,22 @@ class Supervisor:
                                          name=f"consumer-{self.slots.index(slot)}", daemon=False)
         slot.process.start()
 
-    def _fail_held(self, worker_id: str, error_for: Any) -> None:
-        """End what a killed consumer held with a typed error (a job past its hard limit must not run again)."""
-        from shared.celery_app import app
-        from shared.jobs import JobRecorder
+    def _fail_held(self, worker_id: str) -> None:
+        """End what a consumer killed past the hard limit held with ``JobTimeoutError`` (never run again)."""
         from workers.engines.batching.redelivery import ack
-        from workers.executor.outcomes import CeleryResultEncoder, FinishedJob, OutcomeWriter
+        from workers.executor.outcomes import FinishedJob
 
         held = self.redelivery.held(worker_id)
-        writer = OutcomeWriter(self.redis, JobRecorder(self.redis, self.keys, self.settings.result_ttl_seconds),
-                               None, CeleryResultEncoder(app.backend), self.settings.result_ttl_seconds)
         key = self.keys.worker_deliveries(worker_id)
-        writer.finish([FinishedJob(job_id, None, error_for(job_id)) for job_id, _ in held.values()],
-                      also=lambda pipe: ack(pipe, key, list(held)))
+        self.outcomes.finish([FinishedJob(job_id, None, self.time_limit.error(job_id)) for job_id, _ in held.values()],
+                             also=lambda pipe: ack(pipe, key, list(held)))
 
     def _retire(self, pid: int, timed_out: bool) -> None:
         """After a consumer died: end or give back what it held, take it off the live set."""
-        from workers.executor.policies import TimeLimit
-
         worker_id = self._worker_id(pid)
         try:
             if timed_out:
-                limit = TimeLimit(self.settings.job_time_limit_seconds, arm_soft=False)
-                self._fail_held(worker_id, limit.error)
+                self._fail_held(worker_id)
             else:
                 self.redelivery.give_back_held(worker_id)
             self.redis.zrem(self.keys.workers(), worker_id)

@@ -19,17 +19,12 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def _parent_outcomes() -> Any:
     """An outcome writer for the worker's main process (no stats: the job made no prediction)."""
-    from shared.celery_app import app
-    from shared.jobs import JobRecorder
-    from shared.keys import Keys
     from shared.settings import get_settings
-    from workers.executor.outcomes import CeleryResultEncoder, OutcomeWriter
+    from workers.executor.outcomes import outcome_writer
     from workers.process import redis_client
 
     settings = get_settings()
-    redis = redis_client(settings)
-    recorder = JobRecorder(redis, Keys(settings.redis_key_prefix), settings.result_ttl_seconds)
-    return OutcomeWriter(redis, recorder, None, CeleryResultEncoder(app.backend), settings.result_ttl_seconds)
+    return outcome_writer(redis_client(settings), settings)
 
 
 class FleetRequest(Request):
@@ -37,11 +32,11 @@ class FleetRequest(Request):
         # NOTE: Celery first (it acknowledges, and may store its own TimeLimitExceeded), then the job's own error.
         super().on_timeout(soft, timeout)
         if not soft:
-            from shared.errors import JobTimeoutError
             from workers.executor.outcomes import FinishedJob
+            from workers.executor.policies import TimeLimit
 
             try:
-                err = JobTimeoutError(f"job {self.id} ran past its time limit of {timeout:g} s")
+                err = TimeLimit(timeout, arm_soft=False).error(self.id)
                 _parent_outcomes().finish([FinishedJob(self.id, None, err)])
             except Exception:  # Celery acknowledged already: the job does not run again either way
                 log.exception("could not store the time-out of job %s", self.id)
