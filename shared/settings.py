@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AdapterName = Literal["simple", "torchscript", "torchserve", "triton"]
@@ -151,6 +151,14 @@ class FleetSettings(BaseSettings):
     """Device used when a job does not name one."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Broker, result backend and stats store."""
+    redis_ssl_ca_certs: Path | None = None
+    """With a ``rediss://`` URL: the CA bundle that signed Redis' certificate (the system's when unset)."""
+    redis_ssl_certfile: Path | None = None
+    """With a ``rediss://`` URL: a client certificate, for a Redis that requires one (``tls-auth-clients``)."""
+    redis_ssl_keyfile: Path | None = None
+    """With a ``rediss://`` URL: the client certificate's private key."""
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """With a ``rediss://`` URL: whether Redis' certificate must verify (``none`` only for throwaway tests)."""
     redis_key_prefix: str = "fleet"
     """Prefix of every key the fleet writes besides Celery's own (tests use their own prefix)."""
     model_store_dir: Path = Field(default_factory=lambda: state_dir() / "model-store")
@@ -179,10 +187,34 @@ class FleetSettings(BaseSettings):
     """Bodies larger than this are refused with 413."""
     api_redis_max_connections: int = Field(2048, ge=8)
     """Redis connections the API's pool may hold (for requests in flight; waits share one pub/sub connection)."""
+    api_auth_enabled: bool = True
+    """Every route but ``/healthz``, ``/readyz``, ``/docs`` and ``/openapi.json`` needs an API key (``X-API-Key``
+    or ``Authorization: Bearer``); keys are made with ``fleet keys create``."""
+    api_keys_file: Path | None = None
+    """A JSON file of static keys (``[{"name", "key", "scopes"}]``), e.g. a mounted Kubernetes Secret; read at
+    start-up, besides the keys stored in Redis."""
+    api_key_cache_seconds: float = Field(5.0, ge=0)
+    """How long the API trusts a key it looked up (a revoked key stops working within this)."""
+    api_rate_limit: str = "100/minute"
+    """Requests per key and window (the ``limits`` notation: ``100/minute``, ``10/second``), shared by every
+    API replica through Redis."""
+    api_rate_limits: dict[str, str] = Field(default_factory=dict)
+    """Per-scope overrides of ``API_RATE_LIMIT`` as JSON, e.g. ``{"metrics": "600/minute"}``."""
+    api_max_websockets: int = Field(1024, ge=1)
+    """Event sockets the API holds open at once, over all keys (more are refused with 503)."""
+    api_max_websockets_per_key: int = Field(32, ge=1)
+    """Event sockets one key may hold open at once (more are refused with 429)."""
+    api_websocket_max_seconds: float = Field(3600, gt=0)
+    """An event socket is closed after this long even if its job has not ended."""
+    api_max_result_values: int = Field(2_000_000, ge=1)
+    """Largest result a job may ask for (items x n_steps x channels numbers); larger jobs are refused with 422."""
     api_url: str = "http://127.0.0.1:8000"
     """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
     pools: str = "simple:cpu"
     """Comma-separated ``adapter:device`` pools the API expects live workers for (``/readyz``)."""
+    flower_basic_auth: SecretStr | None = None
+    """``user:password`` Flower asks for (Flower's own ``FLOWER_BASIC_AUTH``); ``fleet flower`` refuses to start
+    without it."""
 
     simple: SimpleSettings = Field(default_factory=SimpleSettings)
     torchscript: TorchScriptSettings = Field(default_factory=TorchScriptSettings)

@@ -19,7 +19,8 @@ from shared.stats import StatsReader
 from tests.helpers import RedisServer, fleet_cmd, python_env, wait_for
 
 #: The Redis database the integration tier owns (flushed before and after; the default db 0 is never touched).
-TEST_DB = 12
+#: FLEET_TEST_DB moves it, so that two sessions on one machine do not flush each other's keys.
+TEST_DB = int(os.environ.get("FLEET_TEST_DB", "12"))
 SYMBOLS = ["AAPL", "MSFT"]
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
 
