@@ -20,6 +20,7 @@ from producer_api.context import CTX, ApiContext
 from producer_api.errors import error_middleware
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
+from producer_api.security.middleware import auth_middleware
 from producer_api.watch import JobChannels
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -84,7 +85,7 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     redis = create_redis(settings) if owned_redis else redis
     celery_app = create_producer_celery(settings) if owned_celery else celery_app
     keys = Keys(settings.redis_key_prefix)
-    app = web.Application(client_max_size=settings.api_max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.api_max_body_bytes, middlewares=[error_middleware, auth_middleware])
     channels = JobChannels(redis, keys.api_watch_idle())
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
                           records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,
