@@ -20,7 +20,9 @@ from producer_api.context import CTX, ApiContext
 from producer_api.errors import error_middleware
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
-from producer_api.security.middleware import auth_middleware
+from producer_api.security.keystore import KeyStore, load_static_keys
+from producer_api.security.middleware import Guard, auth_middleware
+from producer_api.security.ratelimit import RateLimits
 from producer_api.watch import JobChannels
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -85,11 +87,16 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     redis = create_redis(settings) if owned_redis else redis
     celery_app = create_producer_celery(settings) if owned_celery else celery_app
     keys = Keys(settings.redis_key_prefix)
-    app = web.Application(client_max_size=settings.api_max_body_bytes, middlewares=[error_middleware, auth_middleware])
+    keystore = KeyStore(redis, keys, settings.api_key_cache_seconds,
+                        static=load_static_keys(settings.api_keys_file) if settings.api_keys_file else None)
+    guard = Guard(keystore, RateLimits(redis, keys.rate_limits(), settings.api_rate_limit,
+                                       settings.api_rate_limits)) if settings.api_auth_enabled else None
+    app = web.Application(client_max_size=settings.api_max_body_bytes,
+                          middlewares=[error_middleware, auth_middleware(guard)])
     channels = JobChannels(redis, keys.api_watch_idle())
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
                           records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,
-                          metrics=ApiMetrics())
+                          metrics=ApiMetrics(), keystore=keystore)
     for table in routes.tables(settings):
         app.add_routes(table)
     app.on_shutdown.append(_close_websockets)

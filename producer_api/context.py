@@ -11,6 +11,7 @@ from cachetools import TTLCache
 
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
+from producer_api.security.keystore import KeyStore
 from producer_api.watch import JobChannels
 from shared.keys import Keys
 from shared.settings import FleetSettings
@@ -32,6 +33,7 @@ class ApiContext:
         records: Job record reads and writes.
         channels: The shared pub/sub connection that job watches (``?wait``, event sockets) subscribe on.
         metrics: The app's own Prometheus registry and metrics.
+        keystore: API keys (``/v1/keys`` manages them; the auth middleware checks them).
         websockets: Open event sockets, closed on shutdown.
         models_seen: ``(model id, version)`` found in the store lately: a predict checks the disk once per
             model per :data:`STORE_CHECK_TTL_S`, not once per request.
@@ -44,6 +46,7 @@ class ApiContext:
     records: JobRecords
     channels: JobChannels
     metrics: ApiMetrics
+    keystore: KeyStore
     websockets: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     models_seen: TTLCache = field(default_factory=lambda: TTLCache(maxsize=4096, ttl=STORE_CHECK_TTL_S))
 

@@ -89,8 +89,9 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> FleetError:
 
 
 def error_response(err: FleetError, headers: dict[str, str] | None = None) -> web.Response:
-    """The one JSON error shape, with the error's HTTP status."""
-    return web.json_response({"error": err.to_dict()}, status=err.http_status, headers=headers)
+    """The one JSON error shape, with the error's HTTP status and headers."""
+    return web.json_response({"error": err.to_dict()}, status=err.http_status,
+                             headers={**err.http_headers(), **(headers or {})})
 
 
 @web.middleware

@@ -17,6 +17,8 @@ from producer_api.body import MAX_WAIT_S
 from producer_api.jobdoc import JobDocument
 from producer_api.responses import (Accepted, BatchPredictRequest, ErrorResponse, Health, ModelList,
                                     StatsResponse)
+from producer_api.security.middleware import PUBLIC, ROUTE_SCOPES
+from producer_api.security.schemas import KeyCreated, KeyList, KeyRequest, KeyRevoked
 from shared.schemas import LoadJob, PredictJob, UnloadJob
 
 REF = "#/components/schemas/{model}"
@@ -25,7 +27,13 @@ _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
          "description": "Hold the request up to this many seconds for the job to end (200 with the document); "
                         "202 with the job id when it does not."}
+_KEY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Key name"}
 _MSGPACK = ("application/msgpack",)
+#: How a key is sent: either header works on every route that needs one.
+_SECURITY_SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer", "description": "The same API key as a Bearer token"},
+}
 
 # (method, path, summary, request model, {status: response model or media type}, parameters)
 _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] = [
@@ -40,6 +48,9 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
      None, {101: "websocket"}, [_JOB_ID]),
     ("get", "/v1/models", "Models in the store, with the live workers holding each", None, {200: ModelList}, []),
     ("get", "/v1/stats", "Serving stats of the fleet, its workers and models", None, {200: StatsResponse}, []),
+    ("post", "/v1/keys", "Make an API key (its secret is in this answer only)", KeyRequest, {201: KeyCreated}, []),
+    ("get", "/v1/keys", "Every API key (never their secrets)", None, {200: KeyList}, []),
+    ("delete", "/v1/keys/{name}", "Revoke an API key", None, {200: KeyRevoked}, [_KEY_NAME]),
     ("get", "/healthz", "Liveness of this API process", None, {200: Health}, []),
     ("get", "/readyz", "Readiness: Redis reachable and a live worker per configured pool", None,
      {200: Health, 503: ErrorResponse}, []),
@@ -47,7 +58,8 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
     ("get", "/openapi.json", "This document", None, {200: "application/json"}, []),
     ("get", "/docs", "A browsable listing of this document", None, {200: "text/html"}, []),
 ]
-_DESCRIPTIONS = {101: "Switching Protocols", 200: "OK", 202: "Accepted", 400: "Malformed body",
+_DESCRIPTIONS = {101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed body",
+                 401: "No valid API key", 403: "The key lacks the route's scope", 429: "Over the key's rate limit",
                  404: "Unknown job, model or route", 409: "Job already final", 413: "Body too large",
                  422: "Invalid input", 503: "Redis or the fleet unavailable", 500: "Internal error"}
 
@@ -86,6 +98,13 @@ def build_spec() -> dict[str, Any]:
             answered.setdefault(status, _response(status, ErrorResponse, refs))
         if method == "delete":
             answered[409] = _response(409, ErrorResponse, refs)
+        if (method.upper(), path) in PUBLIC:
+            op["security"] = []
+        else:
+            scope = ROUTE_SCOPES.get((method.upper(), path), "admin")
+            op["description"] = f"Needs an API key with the `{scope}` scope (or `admin`)."
+            for status in (401, 403, 429):
+                answered[status] = _response(status, ErrorResponse, refs)
         answered[500] = _response(500, ErrorResponse, refs)
         op["responses"] = {str(s): r for s, r in sorted(answered.items())}
         paths.setdefault(path, {})[method] = op
@@ -95,5 +114,6 @@ def build_spec() -> dict[str, Any]:
                  "description": "Async inference jobs for forecasters and sentiment models on Celery + Redis. "
                                 "Bodies are JSON or msgpack; every error is {\"error\": {type, message, field?}}."},
         "paths": paths,
-        "components": {"schemas": top.get("$defs", {})},
+        "security": [{"ApiKey": []}, {"Bearer": []}],
+        "components": {"schemas": top.get("$defs", {}), "securitySchemes": _SECURITY_SCHEMES},
     }

@@ -7,6 +7,7 @@ job later can succeed, and a stable ``type`` name. Errors cross process boundari
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -25,6 +26,10 @@ class FleetError(Exception):
     @property
     def type(self) -> str:
         return type(self).__name__
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP answer carrying this error adds (``WWW-Authenticate``, ``Retry-After``, ...)."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": self.type, "message": self.message, "retryable": self.retryable}
@@ -99,6 +104,41 @@ class JobCancelledError(FleetError):
     """The job was cancelled before it finished."""
 
     http_status = 409
+
+
+class AuthenticationError(FleetError):
+    """The request carries no API key, or one the fleet does not know (revoked, mistyped)."""
+
+    http_status = 401
+
+    def http_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="finsight-fleet"'}
+
+
+class PermissionDeniedError(FleetError):
+    """The API key is valid but lacks the scope this route needs."""
+
+    http_status = 403
+
+
+class RateLimitedError(FleetError):
+    """The API key made more requests than its rate limit allows in the current window."""
+
+    http_status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, limit: int = 0, remaining: int = 0, reset_after_s: float = 1.0,
+                 field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_after_s = reset_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        # NOTE: the IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers): reset is delta-seconds.
+        reset = str(max(1, math.ceil(self.reset_after_s)))
+        return {"Retry-After": reset, "RateLimit-Limit": str(self.limit),
+                "RateLimit-Remaining": str(self.remaining), "RateLimit-Reset": reset}
 
 
 class InternalError(FleetError):

@@ -77,3 +77,16 @@ class Keys:
     def worker_models(self, worker_id: str) -> str:
         """Hash: model id -> JSON ``ModelInfo`` of the models this worker process holds now."""
         return f"{self.prefix}:worker-models:{worker_id}"
+
+    # -- API keys and rate limits ----------------------------------------------------------------------------
+    def api_key(self, key_hash: str) -> str:
+        """Hash: one API key by the SHA-256 of its secret (name, scopes, rate limit, created / last used)."""
+        return f"{self.prefix}:api-key:{key_hash}"
+
+    def api_key_names(self) -> str:
+        """Hash: key name -> SHA-256 of its secret (names are unique; ``fleet keys revoke NAME`` looks here)."""
+        return f"{self.prefix}:api-key-names"
+
+    def rate_limits(self) -> str:
+        """Prefix of the ``limits`` library's counters (one per key and scope bucket, expiring with the window)."""
+        return f"{self.prefix}:ratelimit"

@@ -21,6 +21,7 @@ _COMMANDS: dict[str, str] = {
     "predict": "producer_api.cli.jobs:predict",
     "jobs": "producer_api.cli.jobs:jobs",
     "stats": "producer_api.cli.jobs:stats",
+    "keys": "producer_api.cli.keys:keys",
 }
 
 

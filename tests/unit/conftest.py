@@ -6,6 +6,10 @@ from typing import Iterator
 
 import pytest
 
+# NOTE: every API test module imports the API fixtures by name; the key that `client` sends is needed by all of
+# them, so it is offered here once.
+from tests.unit.test_api_helpers import admin_key  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread(request: pytest.FixtureRequest) -> Iterator[None]:

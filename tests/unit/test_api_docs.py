@@ -18,8 +18,12 @@ async def test_openapi_is_valid_and_covers_every_route(client):
     assert spec["openapi"].startswith("3.1")
     expected = {"/v1/models/load", "/v1/models/unload", "/v1/predict", "/v1/predict/batch", "/v1/jobs/{id}",
                 "/v1/jobs/{id}/events", "/v1/models", "/v1/stats", "/healthz", "/readyz", "/metrics",
-                "/openapi.json", "/docs"}
+                "/openapi.json", "/docs", "/v1/keys", "/v1/keys/{name}"}
     assert expected == set(spec["paths"])
+    # every route but the probes and the docs names how a key is sent, and answers 401 / 403 / 429
+    assert set(spec["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}
+    assert spec["paths"]["/healthz"]["get"]["security"] == [] and "security" not in predict_op(spec)
+    assert {"401", "403", "429"} <= set(predict_op(spec)["responses"]) and "`submit`" in predict_op(spec)["description"]
     schemas = spec["components"]["schemas"]
     assert {"PredictJob", "JobDocument", "ErrorResponse", "ServingStats", "EncodedTensor"} <= set(schemas)
     predict = spec["paths"]["/v1/predict"]["post"]
@@ -27,6 +31,10 @@ async def test_openapi_is_valid_and_covers_every_route(client):
     assert predict["responses"]["202"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Accepted"}
     assert "cache_hit_ratio" in schemas["ServingStats"]["properties"]
+
+
+def predict_op(spec: dict) -> dict:
+    return spec["paths"]["/v1/predict"]["post"]
 
 
 async def test_every_route_of_the_app_is_documented(client):

@@ -115,11 +115,12 @@ async def test_unknown_route_and_method_use_the_json_shape(client):
     assert (await resp.json())["error"]["type"] == "MethodNotAllowedError"
 
 
-async def test_body_over_the_limit_is_413(aiohttp_client, tmp_path, aredis, celery):
+async def test_body_over_the_limit_is_413(aiohttp_client, tmp_path, aredis, celery, admin_key):
     from tests.unit.test_api_helpers import make_store
 
     small = settings_for(make_store(tmp_path / "s"), api_max_body_bytes=1024)
-    client = await aiohttp_client(create_app(small, redis=aredis, celery_app=celery))
+    client = await aiohttp_client(create_app(small, redis=aredis, celery_app=celery),
+                                  headers={"X-API-Key": admin_key})
     resp = await client.post("/v1/predict", data=_inputs({"series": [[1.0]] * 500}), headers=JSON)
     assert resp.status == 413
     assert (await resp.json())["error"]["type"] == "PayloadTooLargeError"
@@ -138,7 +139,7 @@ async def test_a_true_bug_is_a_logged_500_without_details(client, caplog, monkey
 
 
 async def test_http_exceptions_raised_by_handlers_keep_their_status(aiohttp_client, settings, aredis, celery):
-    app = create_app(settings, redis=aredis, celery_app=celery)
+    app = create_app(settings.model_copy(update={"api_auth_enabled": False}), redis=aredis, celery_app=celery)
 
     async def teapot(request: web.Request) -> web.Response:
         raise web.HTTPConflict(text="busy")

@@ -117,18 +117,20 @@ async def test_metrics_report_the_api_and_the_fleet(client, fleet):
     assert samples[("fleet_cache_evictions_total", (("reason", "memory"),))] == 2
 
 
-async def test_each_app_has_its_own_registry(client, aiohttp_client, settings, aredis, celery):
+async def test_each_app_has_its_own_registry(client, aiohttp_client, settings, aredis, celery, admin_key):
     from producer_api.app import create_app
 
-    other = await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
+    other = await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery),
+                                 headers={"X-API-Key": admin_key})
     await enqueue(client)
     samples = _samples(await (await other.get("/metrics")).text())
     assert ("fleet_api_jobs_total", (("kind", "predict"), ("status", "queued"))) not in samples
 
 
-async def test_metrics_can_be_switched_off(aiohttp_client, settings, aredis, celery):
+async def test_metrics_can_be_switched_off(aiohttp_client, settings, aredis, celery, admin_key):
     from producer_api.app import create_app
 
     off = settings.model_copy(update={"enable_metrics": False})
-    client = await aiohttp_client(create_app(off, redis=aredis, celery_app=celery))
+    client = await aiohttp_client(create_app(off, redis=aredis, celery_app=celery),
+                                  headers={"X-API-Key": admin_key})
     assert (await client.get("/metrics")).status == 404

@@ -17,6 +17,7 @@ import fakeredis.aioredis
 import pytest
 
 from producer_api.app import create_app
+from producer_api.security.keystore import KeyStore
 from shared import routing
 from shared.celery_wire import read_message
 from shared.jobs import JobRecorder
@@ -112,9 +113,22 @@ def settings(tmp_path: Path) -> FleetSettings:
     return settings_for(make_store(tmp_path / "store"))
 
 
+async def make_key(aredis: Any, name: str = "tester", scopes: tuple[str, ...] = ("admin",),
+                   rate_limit: str | None = "100000/minute") -> str:
+    """A real API key in the (fake) Redis; its secret. Tests of other concerns get a limit they never reach."""
+    return await KeyStore(aredis, KEYS, cache_seconds=0).create(name, scopes, rate_limit)
+
+
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, celery: FakeBroker) -> Any:
-    return await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
+async def admin_key(aredis: Any) -> str:
+    return await make_key(aredis)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: FleetSettings, aredis: Any, celery: FakeBroker, admin_key: str) -> Any:
+    """A test client of the API that sends an admin key with every request (auth is on, as by default)."""
+    return await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery),
+                                headers={"X-API-Key": admin_key})
 
 
 def store_result(sredis: fakeredis.FakeRedis, job_id: str, status: str = "SUCCESS", result: Any = None) -> None:
