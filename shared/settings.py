@@ -151,6 +151,11 @@ class FleetSettings(BaseSettings):
     """Device used when a job does not name one."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Broker, result backend and stats store."""
+    redis_password: SecretStr | None = None
+    """Redis' password (``requirepass``, or the ACL user's of the URL); it replaces a password in ``REDIS_URL``."""
+    redis_password_file: Path | None = None
+    """A file whose content (stripped) is Redis' password, e.g. a mounted Secret or a compose secret; it replaces a
+    password in ``REDIS_URL``. Set it or ``REDIS_PASSWORD``, not both."""
     redis_ssl_ca_certs: Path | None = None
     """With a ``rediss://`` URL: the CA bundle that signed Redis' certificate (the system's when unset)."""
     redis_ssl_certfile: Path | None = None
@@ -210,6 +215,8 @@ class FleetSettings(BaseSettings):
     """Largest result a job may ask for (items x n_steps x channels numbers); larger jobs are refused with 422."""
     api_url: str = "http://127.0.0.1:8000"
     """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
+    fleet_api_key: SecretStr | None = None
+    """The key the CLI's producer commands send; unset, they read the one ``fleet up`` wrote to its state dir."""
     pools: str = "simple:cpu"
     """Comma-separated ``adapter:device`` pools the API expects live workers for (``/readyz``)."""
     flower_basic_auth: SecretStr | None = None

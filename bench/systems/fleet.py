@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -42,6 +44,7 @@ class FleetDeployment:
         self.workers: Proc | None = None
         self.api: Proc | None = None
         self.api_url = ""
+        self.api_key = ""
         from shared.settings import FleetSettings
 
         self.settings = FleetSettings(redis_url=self.url, redis_key_prefix=self.prefix,
@@ -85,6 +88,12 @@ class FleetDeployment:
             with urllib.request.urlopen(f"{self.api_url}/readyz", timeout=2) as resp:
                 return resp.status == 200
         wait_until(ready, 60, f"the fleet API ({self.mode})", [self.api])
+        # The API runs as shipped, keys and rate limits on: the load generator gets a key of its own, made the way
+        # an operator makes one, with a limit the benchmark never reaches (what is measured is serving).
+        made = subprocess.run(fleet_argv("keys", "create", f"bench-{uuid.uuid4().hex[:6]}", "--scopes", "submit,read",
+                                         "--rate-limit", "100000000/minute"),
+                              env=self.env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+        self.api_key = made.stdout.strip().splitlines()[-1]
 
     def procs(self, with_api: bool) -> list[Proc]:
         return [p for p in (self.workers, self.api if with_api else None) if p is not None]
@@ -206,7 +215,7 @@ class FleetHttp(System):
         form = {"msgpack-tensor": "msgpack", "json-list": "json-list", "json-b64": "json-b64"}[point.encoding]
         bodies = [predict_body(s, {**model.key_fields(), "adapter": ADAPTER, "device": DEVICE}, form)
                   for s in self.ctx.inputs[point.model]]
-        headers = {"Content-Type": self.CONTENT_TYPES[point.encoding]}
+        headers = {"Content-Type": self.CONTENT_TYPES[point.encoding], "X-API-Key": self.deployment.api_key}
         url = f"{self.deployment.api_url}/v1/predict?wait=30"
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:

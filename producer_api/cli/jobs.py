@@ -26,8 +26,16 @@ def _api_url(api: str | None) -> str:
     return (api or get_settings().api_url).rstrip("/")
 
 
+def _headers() -> dict[str, str]:
+    from producer_api.cli.credentials import client_api_key
+    from shared.settings import get_settings
+
+    key = client_api_key(get_settings())
+    return {"X-API-Key": key} if key else {}
+
+
 async def _request(method: str, url: str, body: Any = None, timeout: float = 70) -> tuple[int, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=_headers()) as session:
         async with session.request(method, url, json=body) as resp:
             return resp.status, await resp.json(content_type=None)
 
@@ -116,7 +124,7 @@ async def _follow(base: str, job_id: str, progress: Progress) -> dict[str, Any]:
     """Follow the job's events over the WebSocket, moving the progress bar, until it is final."""
     bar = progress.add_task(f"job {job_id[:8]}", total=None)
     ws_url = base.replace("http", "ws", 1) + f"/v1/jobs/{job_id}/events"
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=_headers()) as session:
         async with session.ws_connect(ws_url, heartbeat=20) as ws:
             async for msg in ws:
                 if msg.type is not aiohttp.WSMsgType.TEXT:

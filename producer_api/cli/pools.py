@@ -55,8 +55,19 @@ def worker(adapter: str | None, device: str | None, concurrency: int | None, eng
 @click.option("--port", type=int, default=5555)
 @click.option("--address", default="127.0.0.1")
 def flower(port: int, address: str) -> None:
-    """Run the Flower dashboard against the fleet's broker."""
+    """Run the Flower dashboard against the fleet's broker, behind basic auth (FLOWER_BASIC_AUTH=user:password).
+
+    Flower's API can shut workers down and revoke jobs; it never runs open, and never with its unauthenticated
+    API (which would also let any web page in a local browser call it: no CORS or CSRF checks without auth).
+    """
+    from shared.settings import get_settings
+
+    if get_settings().flower_basic_auth is None or ":" not in get_settings().flower_basic_auth.get_secret_value():
+        raise click.ClickException("Flower needs credentials: set FLOWER_BASIC_AUTH=user:password "
+                                   "(`fleet up` makes them for you)")
+    if os.environ.get("FLOWER_UNAUTHENTICATED_API", "").lower() in ("1", "true", "yes", "on"):
+        raise click.ClickException("FLOWER_UNAUTHENTICATED_API opens Flower's control API to anyone; unset it")
     from shared.celery_app import app
 
-    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    # Flower reads FLOWER_BASIC_AUTH from the environment itself: the password never shows in `ps`.
     app.start(["flower", f"--port={port}", f"--address={address}"])

@@ -30,9 +30,10 @@ DEMO_SYMBOLS = ["AAPL"]
 DEMO_TYPES = ["patchtst", "sentiment"]
 
 
-def _http(method: str, url: str, body: Any = None, timeout: float = 5) -> tuple[int, Any]:
+def _http(method: str, url: str, body: Any = None, timeout: float = 5, key: str | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -79,14 +80,14 @@ def _wait_ready(api: str, children: list[Child], timeout: float) -> None:
     raise click.ClickException(f"the fleet was not ready within {timeout:.0f} s: {reason}")
 
 
-def _run_demo(api: str) -> None:
+def _run_demo(api: str, key: str) -> None:
     from producer_api.cli.render import forecast_table
     from workers.training.synthetic import generate_bars
 
     series = generate_bars("AAPL", "1h", n_bars=400, seed=7).values[-200:]
     body = {"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "inputs": {"series": series.tolist()},
             "n_steps": 12}
-    status, doc = _http("POST", f"{api}/v1/predict?wait=30", body, timeout=40)
+    status, doc = _http("POST", f"{api}/v1/predict?wait=30", body, timeout=40, key=key)
     if status != 200 or doc.get("status") != "succeeded":
         raise click.ClickException(f"demo predict did not succeed: {status} {json.dumps(doc)[:500]}")
     console.print(forecast_table(doc, title="Demo forecast: AAPL 1h patchtst, next 12 bars"))
@@ -94,7 +95,8 @@ def _run_demo(api: str) -> None:
     headlines = {"symbol": "AAPL", "timeframe": "1h", "model_type": "sentiment",
                  "inputs": {"texts": ["Apple shares surge after record quarterly revenue",
                                       "Regulators open probe into Apple's app store fees"]}}
-    status, doc = _http("POST", f"{api}/v1/predict/batch?wait=60", {"requests": [body, bad, headlines]}, timeout=70)
+    status, doc = _http("POST", f"{api}/v1/predict/batch?wait=60", {"requests": [body, bad, headlines]}, timeout=70,
+                        key=key)
     if status != 200:
         raise click.ClickException(f"demo batch did not finish: {status} {json.dumps(doc)[:500]}")
     for item in doc["result"]["items"]:
@@ -116,6 +118,8 @@ def _run_demo(api: str) -> None:
 @click.option("--exit-after-demo", is_flag=True, help="With --demo: stop the fleet after the demo.")
 def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_after_demo: bool) -> None:
     """Run the whole fleet locally: Redis (embedded unless REDIS_URL is set), API, a CPU worker pool, Flower."""
+    from producer_api.cli.credentials import (FLOWER_USER, api_key_file, ensure_flower_password,
+                                              ensure_local_admin_key, flower_password_file)
     from shared.settings import get_settings, state_dir
 
     settings = get_settings()
@@ -138,6 +142,8 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
     children: dict[str, Child] = {}
     try:
         _ensure_demo_models(settings.model_store_dir)
+        key = ensure_local_admin_key(settings.model_copy(update={"redis_url": redis_url}))
+        flower_password = ensure_flower_password()
         flower_port = flower_port if flower_port and _port_free(flower_port) else free_port()
         worker_args = ["worker", "--adapter", "simple", "--device", "cpu"]
         if concurrency:
@@ -145,16 +151,21 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
         children["worker"] = Child("worker", fleet_argv(*worker_args), env, logs / "worker.log")
         children["api"] = Child("api", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port)), env,
                                 logs / "api.log")
-        children["flower"] = Child("flower", fleet_argv("flower", "--port", str(flower_port)), env,
+        # NOTE: in the environment, not on the command line, where any local user's `ps` would show it.
+        flower_env = dict(env, FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{flower_password}")
+        children["flower"] = Child("flower", fleet_argv("flower", "--port", str(flower_port)), flower_env,
                                    logs / "flower.log")
         api = f"http://127.0.0.1:{port}"
         _wait_ready(api, list(children.values()), timeout=120)
         console.print(Panel.fit(
-            f"API      {api}  (docs: {api}/docs)\nFlower   http://127.0.0.1:{flower_port}\n"
+            f"API      {api}  (docs: {api}/docs)\nAPI key  {key}\n         (admin; also in {api_key_file()}, "
+            f"which fleet predict / jobs / stats read)\n"
+            f"Flower   http://127.0.0.1:{flower_port}  (user {FLOWER_USER}, password {flower_password}; "
+            f"in {flower_password_file()})\n"
             f"Redis    {redis_url}\nStore    {settings.model_store_dir}\nLogs     {logs}\n\nCtrl-C stops the fleet.",
-            title="FinSight Fleet is up"))
+            title="FinSight Fleet is up"), soft_wrap=True)
         if demo:
-            _run_demo(api)
+            _run_demo(api, key)
             if exit_after_demo:
                 stop.set()
         _on_signals(lambda *_: stop.set())

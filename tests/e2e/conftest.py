@@ -7,6 +7,7 @@ none of the processes it started behind. Tests talk to it through HTTP, WebSocke
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import re
@@ -136,6 +137,11 @@ def fleet_env(state_home: Path, store: Path) -> dict[str, str]:
     return env
 
 
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """An ``Authorization: Basic`` header (aiohttp deprecates its ``BasicAuth`` helper)."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
 class FleetUp:
     """One ``fleet up`` process with its own state dir, output file and process-tree watch.
 
@@ -174,6 +180,24 @@ class FleetUp:
         found = re.search(r"Flower\s+(http://[\w.:]+)", self.output())
         assert found, f"no Flower URL in the output:\n{self.diagnostics()}"
         return found.group(1)
+
+    @property
+    def api_key(self) -> str:
+        """The admin key as the start-up panel prints it; it must be the one written, 0600, to the state dir."""
+        found = re.search(r"API key\s+(fsk_[\w-]+)", self.output())
+        assert found, f"no API key in the output:\n{self.diagnostics()}"
+        path = self.home / "finsight-fleet" / "api-key"
+        assert path.read_text().strip() == found.group(1) and path.stat().st_mode & 0o777 == 0o600
+        return found.group(1)
+
+    @property
+    def flower_credentials(self) -> tuple[str, str]:
+        """Flower's user and password as the panel prints them (and as stored, 0600, in the state dir)."""
+        found = re.search(r"user (\w+), password ([\w-]+);", self.output())
+        assert found, f"no Flower credentials in the output:\n{self.diagnostics()}"
+        path = self.home / "finsight-fleet" / "flower-password"
+        assert path.read_text().strip() == found.group(2) and path.stat().st_mode & 0o777 == 0o600
+        return found.group(1), found.group(2)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         def ready() -> bool:
@@ -252,6 +276,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterat
 
 @pytest.fixture()
 async def api(fleet: FleetUp) -> AsyncIterator[aiohttp.ClientSession]:
-    """An HTTP client on the fleet's API (relative URLs)."""
-    async with aiohttp.ClientSession(base_url=fleet.api_url, timeout=aiohttp.ClientTimeout(total=90)) as session:
+    """An HTTP client on the fleet's API (relative URLs) that sends the key ``fleet up`` printed."""
+    async with aiohttp.ClientSession(base_url=fleet.api_url, timeout=aiohttp.ClientTimeout(total=90),
+                                     headers={"X-API-Key": fleet.api_key}) as session:
         yield session

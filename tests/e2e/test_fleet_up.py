@@ -168,6 +168,21 @@ async def test_fleet_runs_on_embedded_redis_in_the_state_dir(fleet: FleetUp, mod
     assert status == 200 and ready["status"] == "ready" and ready["workers"]["infer.simple.cpu"] >= 1, ready
 
 
+async def test_every_v1_route_needs_the_key_fleet_up_printed(fleet: FleetUp, api):
+    async with aiohttp.ClientSession(base_url=fleet.api_url) as anonymous:
+        async with anonymous.post("/v1/predict", json=MODEL) as resp:
+            assert resp.status == 401 and (await resp.json())["error"]["type"] == "AuthenticationError"
+        async with anonymous.get("/healthz") as resp:
+            assert resp.status == 200
+    status, made = await send(api, "POST", "/v1/keys", {"name": "e2e-reader", "scopes": ["read"]})
+    assert status == 201, made
+    async with aiohttp.ClientSession(base_url=fleet.api_url, headers={"X-API-Key": made["key"]}) as reader:
+        async with reader.post("/v1/predict", json=MODEL) as resp:
+            assert resp.status == 403
+        async with reader.get("/v1/models") as resp:
+            assert resp.status == 200
+
+
 async def test_load_job_loads_the_model(api):
     job_id = await submit(api, "/v1/models/load", MODEL)
     doc = await document(api, job_id, wait=30)

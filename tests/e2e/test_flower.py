@@ -6,7 +6,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.e2e.conftest import FleetUp
+from tests.e2e.conftest import FleetUp, basic_auth
 from tests.helpers import wait_for_async
 from workers.training.synthetic import generate_bars
 
@@ -22,7 +22,8 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def test_flower_lists_the_worker_and_a_finished_predict(fleet: FleetUp, api: aiohttp.ClientSession):
     flower = fleet.flower_url
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    credentials = basic_auth(*fleet.flower_credentials)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=credentials) as session:
         async def pool_worker() -> tuple[str, dict] | None:
             # NOTE: refresh=1 makes Flower ask the workers now (inspect) instead of answering from its cache.
             workers = await get_json(session, f"{flower}/api/workers?refresh=1")
@@ -47,3 +48,18 @@ async def test_flower_lists_the_worker_and_a_finished_predict(fleet: FleetUp, ap
         assert task["name"] == "fleet.predict" and task["worker"] == name, task
         info = await get_json(session, f"{flower}/api/task/info/{job_id}")
         assert info["state"] == "SUCCESS" and info["uuid"] == job_id
+
+
+async def test_flower_needs_its_credentials_and_its_control_api_is_closed(fleet: FleetUp):
+    flower = fleet.flower_url
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for method, path in (("GET", "/"), ("GET", "/api/workers"), ("POST", "/api/worker/shutdown/any"),
+                             ("POST", "/api/task/revoke/any?terminate=true"),
+                             ("POST", "/api/worker/queue/cancel-consumer/any?queue=infer.simple.cpu")):
+            async with session.request(method, f"{flower}{path}", headers={"Origin": "http://evil.example"}) as resp:
+                # 401 without credentials; a cross-site POST is refused earlier still, by Flower's XSRF check
+                assert resp.status in ((401,) if method == "GET" else (401, 403)), (method, path, resp.status)
+                assert resp.headers.get("Access-Control-Allow-Origin") is None
+        wrong = basic_auth(fleet.flower_credentials[0], "not-the-password")
+        async with session.get(f"{flower}/api/workers", headers=wrong) as resp:
+            assert resp.status == 401

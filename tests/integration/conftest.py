@@ -53,6 +53,26 @@ def fleet_settings(redis_server: RedisServer, model_store: Path) -> Iterator[Fle
     client.flushdb()
 
 
+@pytest.fixture(scope="session")
+def api_key(fleet_settings: FleetSettings) -> str:
+    """An admin key on the test database, with a rate limit no test reaches (auth is on, as by default)."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from producer_api.security.keystore import KeyStore
+
+    async def make() -> str:
+        client = Redis.from_url(fleet_settings.redis_url)
+        try:
+            return await KeyStore(client, Keys(fleet_settings.redis_key_prefix)).create(
+                "integration", ["admin"], "1000000/minute")
+        finally:
+            await client.aclose()
+
+    return asyncio.run(make())
+
+
 @pytest.fixture()
 def redis_client(fleet_settings: FleetSettings) -> redis_lib.Redis:
     return redis_lib.Redis.from_url(fleet_settings.redis_url)

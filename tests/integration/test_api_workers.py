@@ -34,8 +34,8 @@ def tensor_body() -> bytes:
 
 
 @pytest.fixture()
-async def api(aiohttp_client, fleet_settings):
-    return await aiohttp_client(create_app(fleet_settings))
+async def api(aiohttp_client, fleet_settings, api_key):
+    return await aiohttp_client(create_app(fleet_settings), headers={"X-API-Key": api_key})
 
 
 def test_built_message_matches_what_send_task_writes(fleet_settings, redis_client) -> None:
@@ -106,7 +106,7 @@ async def test_watch_survives_a_dropped_connection(api, start_worker, fleet_sett
     assert resp.status == 200 and doc["status"] == "succeeded", doc["error"]
 
 
-async def test_submit_without_a_live_redis_is_503(fleet_settings) -> None:
+async def test_submit_without_a_live_redis_is_503(fleet_settings, api_key) -> None:
     # The enqueue MULTI is the only write: with Redis gone nothing is half-done and the client hears so at once.
     down = fleet_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     redis = create_redis(down)
@@ -115,7 +115,7 @@ async def test_submit_without_a_live_redis_is_503(fleet_settings) -> None:
 
         async with TestClient(TestServer(create_app(down, redis=redis))) as client:
             resp = await client.post("/v1/predict?wait=5", data=tensor_body(),
-                                     headers={"Content-Type": "application/msgpack"})
+                                     headers={"Content-Type": "application/msgpack", "X-API-Key": api_key})
             assert resp.status == 503 and (await resp.json())["error"]["type"] == "BrokerUnavailableError"
     finally:
         await redis.aclose()
