@@ -16,6 +16,8 @@ from aiohttp import web
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import BrokerUnavailableError, FleetError, InternalError, InvalidInputError
@@ -24,8 +26,11 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: Failures that mean "Redis (broker, backend, stats) cannot be reached now", not a bug.
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, KombuOperationalError)
+#: Failures that mean "Redis (broker, backend, stats) cannot take this now", not a bug: unreachable, still loading
+#: its AOF after a restart (a ConnectionError), full under ``maxmemory`` + ``noeviction`` (nothing is written, so
+#: the client may retry), or a replica that a failover left read-only.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, RedisOutOfMemoryError, RedisReadOnlyError,
+               KombuOperationalError)
 
 
 class BadRequestError(FleetError):
