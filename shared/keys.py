@@ -74,6 +74,14 @@ class Keys:
         """
         return f"{self.prefix}:worker-deliveries:{worker_id}"
 
+    def delivery_holders(self) -> str:
+        """Set: ids of the processes that hold deliveries (``Keys.worker_deliveries``): what the reaper checks."""
+        return f"{self.prefix}:delivery-holders"
+
+    def reaper_lock(self) -> str:
+        """String: held (SET NX EX) by the one live worker that reaps lost workers now."""
+        return f"{self.prefix}:reaper-lock"
+
     def worker_models(self, worker_id: str) -> str:
         """Hash: model id -> JSON ``ModelInfo`` of the models this worker process holds now."""
         return f"{self.prefix}:worker-models:{worker_id}"

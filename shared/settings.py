@@ -178,6 +178,9 @@ class FleetSettings(BaseSettings):
     ``DeliveryLimitExceededError`` instead of looping."""
     worker_engine: Literal["batching", "celery"] = "batching"
     """Engine of ``fleet worker``: ``batching`` (batches per fetch, the fastest) or ``celery`` (Celery's prefork)."""
+    worker_lost_after_seconds: float = Field(30, gt=0)
+    """A worker whose every process stopped heart-beating this long ago is lost (its host died): any live worker
+    gives what it held back to the head of its queues."""
     worker_shutdown_grace_seconds: float = Field(30, gt=0)
     """On SIGTERM a batching-engine worker lets jobs in hand finish this long, then kills what is left."""
     worker_torch_threads: int = Field(0, ge=0)

@@ -23,6 +23,7 @@ from workers.engines.batching.redelivery import Redelivery, ack
 from workers.executor.delivery import Begun, Delivery
 from workers.executor.policies import Skip
 from workers.process import ProcessContext
+from workers.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Consumer:
         self.fetcher = BatchFetcher(self.redis, routing.redis_list_keys(queue), self.keys, context.worker_id,
                                     settings.result_ttl_seconds, settings.batch.max_batch_size)
         self.redelivery = Redelivery(self.redis, self.keys)
+        self.reaper = Reaper(self.redis, self.keys, settings.worker_lost_after_seconds)
         self.visibility_timeout = 2 * settings.job_time_limit_seconds
         self.events = events
         self.slot = slot
@@ -102,8 +104,13 @@ class Consumer:
     def run(self) -> None:
         log.info("batching consumer %s on %s, batches of up to %d", self.context.worker_id, self.fetcher.lists[0],
                  self.fetcher.max_messages)
+        registered = False
         while not self._stop.is_set():
             try:
+                if not registered:  # listed before the first fetch: the reaper knows whom to check
+                    self.redis.sadd(self.keys.delivery_holders(), self.context.worker_id)
+                    registered = True
+                self.reaper.maybe_run()
                 if time.monotonic() >= self._next_sweep:
                     self.redelivery.sweep(self.visibility_timeout)
                     self._next_sweep = time.monotonic() + max(1.0, self.visibility_timeout / 4)

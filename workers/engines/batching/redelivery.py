@@ -1,7 +1,8 @@
 """Acknowledging messages, and giving unacknowledged ones back to their queue.
 
-Two ways a message goes back: its process died (its supervisor gives back what the process held, at once) or
-its whole host went (the visibility sweep gives back what nobody acknowledged within the timeout). Both use one
+Three ways a message goes back: its process died (its supervisor gives back what the process held, at once), its
+whole worker went (the reaper, :mod:`workers.reaper`, gives back what it held once its heartbeats stopped), or
+its holder is unknown (the visibility sweep gives back what nobody acknowledged within the timeout). Both use one
 primitive, :data:`_GIVE_BACK`, which moves a message only if it is still unacknowledged, so the two can never
 deliver it twice. A message goes back to the head of its queue: it was first in line once already.
 """
@@ -81,7 +82,7 @@ class Redelivery:
         tags = list(held)
         raws = self.redis.hmget(UNACKED, tags) if tags else []
         restored = sum(self._back(tag, raw, held_key, held[tag][2] or "nan") for tag, raw in zip(tags, raws))
-        self.redis.delete(held_key)
+        self.redis.pipeline().delete(held_key).srem(self.keys.delivery_holders(), worker_id).execute()
         if restored:
             log.warning("gave back %d message(s) held by %s", restored, worker_id)
         return restored

@@ -13,6 +13,8 @@ from typing import Any
 
 from celery.worker.request import Request
 
+from workers.engines.celery import holdings
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,20 @@ def _parent_outcomes() -> Any:
 
 
 class FleetRequest(Request):
+    """Celery's request, plus the job's typed time-out and the end of its holding (see ``holdings``)."""
+
+    def acknowledge(self) -> None:
+        was_acknowledged = self.acknowledged
+        super().acknowledge()
+        if not was_acknowledged:
+            holdings.release(self.message.delivery_tag)
+
+    def reject(self, requeue: bool = False) -> None:
+        was_acknowledged = self.acknowledged
+        super().reject(requeue)
+        if not was_acknowledged:
+            holdings.release(self.message.delivery_tag)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # NOTE: Celery first (it acknowledges, and may store its own TimeLimitExceeded), then the job's own error.
         super().on_timeout(soft, timeout)

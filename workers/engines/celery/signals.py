@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (celeryd_init, task_received, worker_process_init, worker_process_shutdown, worker_ready,
+                            worker_shutdown)
 
 from workers import process
+from workers.engines.celery import holdings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,24 @@ def _init_single_process(sender: Any = None, **_: Any) -> None:
             log.exception("worker set-up failed; jobs will retry it")
 
 
+@worker_ready.connect
+def _start_holdings(sender: Any = None, **_: Any) -> None:
+    """The main process records what it reserves and reaps lost workers (see ``holdings``)."""
+    try:
+        holdings.start(getattr(sender, "hostname", None) or process.node.get("hostname") or "celery")
+    except Exception:
+        log.exception("recording deliveries for the reaper failed to start; lost workers wait for the timeout")
+
+
+@task_received.connect
+def _hold(request: Any = None, **_: Any) -> None:
+    """Runs in the main process as a message is received: it is held until acknowledged."""
+    if request is not None:
+        holdings.hold(getattr(request.message, "delivery_tag", None), request.id, request.name)
+
+
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _shutdown(**_: Any) -> None:
+    holdings.stop()
     process.shutdown_process()
