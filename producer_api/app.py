@@ -41,8 +41,11 @@ def create_redis(settings: FleetSettings) -> Redis:
     ``API_REDIS_MAX_CONNECTIONS``, serves the commands of requests in flight and blocks (briefly) rather than
     failing when it runs dry.
     """
+    from shared import redis_options
+
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.api_redis_max_connections, timeout=REDIS_CONNECT_TIMEOUT_S,
+        redis_options.url(settings), **redis_options.client_kwargs(settings),
+        max_connections=settings.api_redis_max_connections, timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1))
     return Redis(connection_pool=pool)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared import routing
+from shared import redis_options, routing
 from shared.settings import FleetSettings, get_settings, soft_time_limit
 
 #: Serializers the fleet speaks. Pickle is never accepted: a pickled message is refused by the consumer.
@@ -18,7 +18,9 @@ ACCEPTED_CONTENT = ["json", "msgpack"]
 def create_celery_app(settings: FleetSettings | None = None, name: str = "finsight-fleet") -> Celery:
     """Build the fleet's Celery app for ``settings`` (process-wide settings by default)."""
     settings = settings or get_settings()
-    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
+    # The password and the TLS options of the broker and the result backend (Flower inherits them).
+    connection = redis_options.celery_config(settings)
+    app = Celery(name, broker=connection["broker_url"], backend=connection["result_backend"])
     hard_limit = settings.job_time_limit_seconds
     visibility = 2 * hard_limit
     app.conf.update(
@@ -69,6 +71,7 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         redis_socket_timeout=30,
         redis_socket_connect_timeout=5,
         broker_heartbeat=0,
+        **connection,
     )
     return app
 

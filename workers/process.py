@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import redis as redis_lib
 
+from shared import redis_options
 from shared.settings import FleetSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def worker_id(pid: int | None = None) -> str:
 
 def redis_client(settings: FleetSettings) -> redis_lib.Redis:
     """The worker side's Redis client: fails fast on a dead server, notices a dropped connection."""
-    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                    health_check_interval=30)
+    return redis_options.client(settings, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
 @dataclass

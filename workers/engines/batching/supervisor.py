@@ -98,9 +98,9 @@ class Supervisor:
         self.concurrency = processes
         self.keys = Keys(settings.redis_key_prefix)
         # NOTE: short timeouts: the supervisor must keep supervising (and stop on time) while Redis is away.
-        import redis as redis_lib
+        from shared import redis_options
 
-        self.redis = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.redis = redis_options.client(settings, socket_connect_timeout=2, socket_timeout=5)
         self.redelivery = Redelivery(self.redis, self.keys)
         self.outcomes = outcome_writer(self.redis, settings)
         self.time_limit = TimeLimit(settings.job_time_limit_seconds, arm_soft=False)

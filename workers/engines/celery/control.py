@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis as redis_lib
 from celery.worker.control import control_command
 
+from shared import redis_options
 from shared import tasks as names
 from shared.keys import WORKER_HEARTBEAT_TTL_S, Keys
 from shared.settings import get_settings
@@ -22,7 +22,7 @@ from shared.stats import StatsReader
 
 def _reader() -> StatsReader:
     settings = get_settings()
-    client = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = redis_options.client(settings, socket_connect_timeout=5, socket_timeout=10)
     return StatsReader(client, Keys(settings.redis_key_prefix))
 
 
