@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -175,7 +176,10 @@ def test_compose_environment_names_are_fleet_settings() -> None:
 def test_compose_wiring() -> None:
     services = compose()["services"]
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
+    script = interpolate(redis["command"][0])
+    assert "--appendonly yes --appendfsync everysec" in script
+    assert re.search(r"--maxmemory \S+ --maxmemory-policy noeviction", script)
+    assert "${REDIS_MAXMEMORY:-" in redis["command"][0]  # a compose variable with a default
     models = services["models"]
     assert models["restart"] == "no" and "build" in models
     for name in ("api", "worker", "worker-celery", "flower", "worker-triton"):
@@ -214,6 +218,96 @@ def test_deploy_files_name_no_registry_host() -> None:
             code = line.split("#", 1)[0]
             for host in re.findall(r"\w+://([^/:\s\"'{}]+)", code):
                 assert host in allowed or "%s" in code, f"{path.name}: {line.strip()}"
+
+
+SECRET_FILES = {"redis-password": "./secrets/redis-password", "flower-basic-auth": "./secrets/flower-basic-auth",
+                "api-keys.json": "./secrets/api-keys.json"}
+FLEET_SERVICES = ("models", "api", "worker", "worker-celery", "flower", "worker-triton")
+
+
+def test_compose_redis_requires_the_password_of_a_secret() -> None:
+    doc = compose()
+    assert {name: s["file"] for name, s in doc["secrets"].items()} == SECRET_FILES
+    redis = doc["services"]["redis"]
+    assert "redis-password" in redis["secrets"]
+    script = interpolate(redis["command"][0])
+    # The password is read from the secret and handed over on stdin (`-`), never on the command line.
+    assert 'password="$(cat /run/secrets/redis-password)"' in script and '[ -n "$password" ]' in script
+    assert re.search(r'exec redis-server "\$@" - <<EOF\nrequirepass "\$password"\nEOF', script)
+    assert "--requirepass" not in script
+    # The healthcheck authenticates, and only a PONG counts (redis-cli exits 0 on NOAUTH).
+    check = interpolate(redis["healthcheck"]["test"])
+    assert check[0] == "CMD-SHELL" and 'REDISCLI_AUTH="$(cat /run/secrets/redis-password)"' in check[1]
+    assert check[1].endswith("ping | grep -q PONG")
+    assert redis.get("user") == "redis"  # the shell entrypoint would otherwise leave Redis running as root
+    for name in FLEET_SERVICES:
+        service = doc["services"][name]
+        env = service["environment"]
+        assert env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis-password", name
+        assert "redis-password" in service["secrets"], name
+        assert "REDIS_PASSWORD" not in env, name
+
+
+def test_compose_holds_no_secret_literal() -> None:
+    text = COMPOSE.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert not re.search(r"rediss?://[^/\s@]*:[^/\s@]+@", code), "a password inside a Redis URL"
+    assert not re.search(r"requirepass\s+(?![\"']?\$)", code), "a requirepass that is not read from the secret"
+    assert "FLOWER_UNAUTHENTICATED_API" not in text
+    for name, service in compose()["services"].items():
+        secret_like = [key for key in service.get("environment") or {}
+                       if re.search(r"PASSWORD|BASIC_AUTH|API_KEYS?$", key) and not key.endswith("_FILE")]
+        assert not secret_like, f"{name} sets {secret_like} in the file: they belong in secrets"
+
+
+def test_compose_tls_is_optional_and_redis_key_stays_in_redis() -> None:
+    services = compose()["services"]
+    script = services["redis"]["command"][0]
+    assert 'if [ "${REDIS_TLS:-no}" = yes ]' in script and "--port 0 --tls-port 6379" in script
+    assert interpolate(services["worker"]["environment"]["REDIS_URL"]).startswith("redis://")  # TLS off by default
+    for name, service in services.items():
+        mounts = [interpolate(v) for v in service.get("volumes", [])]
+        assert ("./secrets/tls-server:/run/redis-tls-server:ro" in mounts) == (name == "redis"), name
+        if name in FLEET_SERVICES:
+            assert "./secrets/tls:/run/redis-tls:ro" in mounts, name
+            assert service["environment"]["REDIS_SSL_CA_CERTS"] == "/run/redis-tls/ca.crt", name
+
+
+def test_compose_publishes_on_loopback_only() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert interpolate(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_compose_api_reads_its_keys_from_a_secret() -> None:
+    api = compose()["services"]["api"]
+    assert api["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys.json"
+    assert "api-keys.json" in api["secrets"]
+
+
+def _flower_script(secrets: Path) -> str:
+    script = interpolate(compose()["services"]["flower"]["command"][0])
+    assert "exec fleet flower" in script
+    # The child prints what it inherits: FLOWER_BASIC_AUTH must be exported to the process that runs Flower.
+    child = """exec sh -c 'printf "%s" "$FLOWER_BASIC_AUTH"' fleet"""
+    return script.replace("/run/secrets", str(secrets)).replace("exec fleet flower", child)
+
+
+@pytest.mark.parametrize("content", [None, "", "admin:s3cret"], ids=["missing", "empty", "set"])
+def test_compose_flower_refuses_to_start_without_basic_auth(tmp_path: Path, content: str | None) -> None:
+    flower = compose()["services"]["flower"]
+    assert "flower-basic-auth" in flower["secrets"] and "FLOWER_BASIC_AUTH" not in flower["environment"]
+    if content is not None:
+        (tmp_path / "flower-basic-auth").write_text(content)
+    done = subprocess.run(["sh", "-c", _flower_script(tmp_path)], capture_output=True, text=True, timeout=10)
+    if content:
+        assert (done.returncode, done.stdout) == (0, content)
+    else:
+        assert done.returncode == 1 and "flower-basic-auth" in done.stderr and done.stdout == ""
+
+
+def test_gitignore_keeps_secrets_out() -> None:
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 # --- Helm chart ----------------------------------------------------------------------------------------------
@@ -282,11 +376,91 @@ def test_template_is_balanced(path: str) -> None:
 
 
 def test_template_environment_names_are_fleet_settings() -> None:
-    for path in TEMPLATES.glob("*.yaml"):
+    for path in [*TEMPLATES.glob("*.yaml"), *TEMPLATES.glob("*.tpl")]:
         names = set(re.findall(r"-\s+name:\s+([A-Z][A-Z0-9_]+)\s*$", path.read_text(), re.M))
         assert not names - SETTINGS - FOREIGN_ENV, f"{path.name}: {sorted(names - SETTINGS - FOREIGN_ENV)}"
     config = (TEMPLATES / "configmap.yaml").read_text()
-    assert all(f'"{name}"' in config for name in ("MODEL_STORE_DIR", "POOLS", "REDIS_URL"))
+    assert all(f'"{name}"' in config for name in ("MODEL_STORE_DIR", "POOLS"))
+
+
+def _define(name: str) -> str:
+    """The body of one ``{{ define }}`` of _helpers.tpl."""
+    text = (TEMPLATES / "_helpers.tpl").read_text()
+    return text.split(f'{{{{- define "{name}" -}}}}', 1)[1].split('{{- define "', 1)[0]
+
+
+def test_chart_keeps_redis_connection_out_of_configmaps() -> None:
+    redis_names = {n for n in SETTINGS if n.startswith("REDIS_") and n != "REDIS_KEY_PREFIX"}
+    assert not redis_names & set(values()["config"]), "Redis' connection belongs in a Secret"
+    for path in TEMPLATES.glob("*.yaml"):
+        text = path.read_text()
+        if re.search(r"^kind: ConfigMap$", text, re.M):
+            settings = text.split("$settings := dict", 1)[1].split("\n", 1)[0]
+            assert "REDIS" not in settings and not re.search(r'set \$settings "REDIS', text), path.name
+            # and a REDIS_* entry of values.config is refused rather than rendered
+            assert '"REDIS_URL"' in text and "fail" in text, path.name
+    env = _define("finsight-fleet.redisSecretEnv")
+    assert re.match(r"\s*- name: REDIS_URL\n\s+valueFrom:\n\s+secretKeyRef:", env)
+    assert "- name: REDIS_PASSWORD_FILE" in env and "REDIS_SSL_CA_CERTS" in env
+    secret = (TEMPLATES / "redis-secret.yaml").read_text()
+    assert "kind: Secret" in secret and "redis-url:" in secret and "redis-password:" in secret
+    assert "lookup" in secret  # an upgrade keeps the password Redis runs with
+
+
+def test_chart_redis_runs_with_the_secret_password() -> None:
+    text = (TEMPLATES / "redis.yaml").read_text()
+    assert 'password="$(cat /run/secrets/redis/password)" && [ -n "$password" ]' in text
+    assert re.search(r'- <<EOF\n\s+requirepass "\$password"\n\s+EOF', text)
+    assert "--requirepass" not in text and "--appendonly yes --appendfsync everysec" in text
+    assert "--maxmemory {{ $r.maxmemory | quote }} --maxmemory-policy noeviction" in text
+    assert values()["redis"]["embedded"]["maxmemory"]
+    assert text.count("command: [\"sh\", \"-c\", {{ $probe | quote }}]") == 2  # both probes authenticate
+    assert 'REDISCLI_AUTH=\\"$(cat /run/secrets/redis/password)\\"' in text and "grep -q PONG" in text
+    assert 'secretName: {{ include "finsight-fleet.redisPasswordSecret" . }}' in text
+
+
+def test_chart_tls_values_reach_redis_and_the_fleet() -> None:
+    tls = values()["redis"]["tls"]
+    assert tls["enabled"] is False and tls["certReqs"] in ("required", "optional", "none")
+    text = (TEMPLATES / "redis.yaml").read_text()
+    assert "--tls-port 6379" in text and "--port 0" in text and "redis-cli --tls --cacert" in text
+    assert '"rediss" "redis"' in _define("finsight-fleet.redisUrl")
+    assert "/run/secrets/redis-tls/ca.crt" in _define("finsight-fleet.redisSecretEnv")
+    assert "redis-tls" in _define("finsight-fleet.redisVolumes")
+
+
+def test_chart_network_policy_lets_only_fleet_pods_reach_redis() -> None:
+    assert values()["networkPolicy"]["enabled"] is True
+    text = (TEMPLATES / "networkpolicy.yaml").read_text()
+    policies = text.split("---")
+    redis = next(p for p in policies if "kind: NetworkPolicy" in p and '"component" "redis"' in p)
+    selector = redis.split("podSelector:", 1)[1].split("policyTypes", 1)[0]
+    assert 'selectorLabels" (dict "root" . "component" "redis")' in selector
+    assert "finsight-fleet.redisClientLabel" in redis and "port: 6379" in redis
+    assert 'policyTypes: ["Ingress"]' in redis
+    # Every fleet pod carries the label the policy admits, in its pod template.
+    for name in ("api.yaml", "workers.yaml", "flower.yaml", "models-job.yaml"):
+        template = (TEMPLATES / name).read_text().split("template:", 1)[1]
+        assert "finsight-fleet.redisClientLabel" in template.split("spec:", 1)[0], name
+    assert 'finsight-fleet/redis-client: "true"' in _define("finsight-fleet.redisClientLabel")
+    flower = next(p for p in policies if '"component" "flower")' in p.split("podSelector:", 1)[-1])
+    assert "networkPolicy.flower.from" in flower and "ingress: []" in flower  # no peer listed: nobody
+
+
+def test_chart_flower_requires_basic_auth() -> None:
+    text = (TEMPLATES / "flower.yaml").read_text()
+    assert re.search(r"\$auth := required \"[^\"]+\" \.Values\.flower\.basicAuthSecret", text)
+    assert re.search(r"- name: FLOWER_BASIC_AUTH\n\s+valueFrom:\n\s+secretKeyRef:\n\s+name: \{\{ \$auth \}\}", text)
+    assert values()["flower"]["basicAuthSecret"] == ""  # nothing ships a credential: the user must name one
+    for path in filter(Path.is_file, [COMPOSE, *CHART.rglob("*")]):
+        assert "FLOWER_UNAUTHENTICATED_API" not in path.read_text(), path.name
+
+
+def test_chart_api_mounts_its_keys_secret() -> None:
+    assert values()["api"]["apiKeys"] == {"existingSecret": "", "key": "api-keys.json"}
+    text = (TEMPLATES / "api.yaml").read_text()
+    assert re.search(r"- name: API_KEYS_FILE\n\s+value: /run/secrets/api-keys/api-keys.json", text)
+    assert "mountPath: /run/secrets/api-keys" in text and "path: api-keys.json" in text
 
 
 def test_template_commands_use_real_options() -> None:
@@ -327,8 +501,15 @@ def test_chart_renders_when_helm_sdk_is_installed() -> None:
     helm = pytest.importorskip("helm_python", reason="optional: pip install helm-python-sdk renders the chart")
     with helm.Chart.load(str(CHART)) as chart:
         pools = [dict(pool, enabled=True) for pool in chart.values["pools"]]
-        rendered = chart.render({"pools": pools}, name="fleet", namespace="test")
+        with pytest.raises(helm.HelmError, match="flower.basicAuthSecret"):
+            chart.render({"pools": pools}, name="fleet", namespace="test")
+        rendered = chart.render({"pools": pools, "flower": {"basicAuthSecret": "flower-auth"}}, name="fleet",
+                                namespace="test")
     docs = [doc for name, text in rendered.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-redis"))
+    redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-redis"))
+    redis_pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_pod_labels.items()
     workers = [d for d in docs if d["kind"] == "Deployment" and "-worker-" in d["metadata"]["name"]]
     assert len(workers) == len(pools)
     for deployment in workers:
@@ -339,5 +520,12 @@ def test_chart_renders_when_helm_sdk_is_installed() -> None:
         assert not {e["name"] for e in container.get("env", [])} - SETTINGS - FOREIGN_ENV
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 600
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    assert set(config) <= SETTINGS
+    assert set(config) <= SETTINGS and not {n for n in config if n.startswith("REDIS_")} - {"REDIS_KEY_PREFIX"}
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job") and d is not redis:
+            pod = d["spec"]["template"]
+            assert admitted.items() <= pod["metadata"]["labels"].items(), d["metadata"]["name"]
+            env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+            assert "secretKeyRef" in env["REDIS_URL"]["valueFrom"] and "REDIS_PASSWORD_FILE" in env
     assert config["POOLS"].split(",") == list(dict.fromkeys(f"{p['adapter']}:{p['device']}" for p in pools))

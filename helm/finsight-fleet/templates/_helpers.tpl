@@ -62,15 +62,57 @@ app.kubernetes.io/part-of: finsight-fleet
 {{- printf "%s-redis" (include "finsight-fleet.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* REDIS_URL when it does not come from a Secret: redis.url, else the embedded Redis Service. */}}
+{{/* "true" when the chart runs its own Redis (no external URL and no URL Secret), else empty. */}}
+{{- define "finsight-fleet.redisEmbedded" -}}
+{{- if and .Values.redis.embedded.enabled (not .Values.redis.url) (not .Values.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* REDIS_URL when the chart writes it (into its Secret): redis.url, else the embedded Redis Service. */}}
 {{- define "finsight-fleet.redisUrl" -}}
 {{- if .Values.redis.url }}
+{{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss://" .Values.redis.url)) }}
+{{- fail "redis.tls.enabled needs a rediss:// redis.url" }}
+{{- end }}
 {{- .Values.redis.url }}
 {{- else if .Values.redis.embedded.enabled }}
-{{- printf "redis://%s:6379/0" (include "finsight-fleet.redisName" .) }}
+{{- printf "%s://%s:6379/0" (.Values.redis.tls.enabled | ternary "rediss" "redis") (include "finsight-fleet.redisName" .) }}
 {{- else if not .Values.redis.existingSecret }}
 {{- fail "set redis.url, redis.existingSecret, or redis.embedded.enabled=true" }}
 {{- end }}
+{{- end }}
+
+{{/* The chart's Secret of Redis' URL and (when the chart manages it) password. */}}
+{{- define "finsight-fleet.redisSecretName" -}}
+{{- printf "%s-redis-auth" (include "finsight-fleet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "true" when the chart keeps Redis' password in its own Secret: no redis.auth.existingSecret, and the embedded
+Redis (which needs one) or a redis.auth.password to hand to an external Redis. */}}
+{{- define "finsight-fleet.redisChartPassword" -}}
+{{- if and (not .Values.redis.auth.existingSecret) (or (include "finsight-fleet.redisEmbedded" .) .Values.redis.auth.password) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret and key of Redis' password (empty name: the fleet has none beyond what the URL holds). */}}
+{{- define "finsight-fleet.redisPasswordSecret" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if include "finsight-fleet.redisChartPassword" . }}
+{{- include "finsight-fleet.redisSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{- define "finsight-fleet.redisPasswordKey" -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretPasswordKey }}{{ else }}redis-password{{ end }}
+{{- end }}
+
+{{/* The TLS Secret (required once redis.tls.enabled). */}}
+{{- define "finsight-fleet.redisTlsSecret" -}}
+{{- required "redis.tls.enabled needs redis.tls.existingSecret (a Secret with ca.crt, and tls.crt/tls.key for the embedded Redis)" .Values.redis.tls.existingSecret }}
+{{- end }}
+
+{{/* The label that lets a pod through the Redis NetworkPolicy: every fleet pod carries it. */}}
+{{- define "finsight-fleet.redisClientLabel" -}}
+finsight-fleet/redis-client: "true"
 {{- end }}
 
 {{- define "finsight-fleet.modelStoreClaim" -}}
@@ -97,23 +139,85 @@ app.kubernetes.io/part-of: finsight-fleet
 {{- end }}
 {{- end }}
 
-{{/* Environment of every fleet container: the ConfigMap, and REDIS_URL from a Secret when one is named. */}}
+{{/* Environment of every fleet container: the ConfigMap (Redis' connection comes from redisSecretEnv). */}}
 {{- define "finsight-fleet.envFrom" -}}
 - configMapRef:
     name: {{ include "finsight-fleet.fullname" . }}-config
 {{- end }}
 
+{{/* Redis' connection for a fleet container: REDIS_URL from a Secret, the password as a mounted file, and the
+TLS files (see redisVolumes / redisVolumeMounts). */}}
 {{- define "finsight-fleet.redisSecretEnv" -}}
-{{- if .Values.redis.existingSecret }}
 - name: REDIS_URL
   valueFrom:
     secretKeyRef:
+      {{- if .Values.redis.existingSecret }}
       name: {{ .Values.redis.existingSecret }}
       key: {{ .Values.redis.existingSecretKey }}
+      {{- else }}
+      name: {{ include "finsight-fleet.redisSecretName" . }}
+      key: redis-url
+      {{- end }}
+{{- if include "finsight-fleet.redisPasswordSecret" . }}
+- name: REDIS_PASSWORD_FILE
+  value: /run/secrets/redis/password
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: REDIS_SSL_CA_CERTS
+  value: /run/secrets/redis-tls/ca.crt
+- name: REDIS_SSL_CERT_REQS
+  value: {{ .Values.redis.tls.certReqs | quote }}
+{{- if .Values.redis.tls.clientCertificate }}
+- name: REDIS_SSL_CERTFILE
+  value: /run/secrets/redis-tls/tls.crt
+- name: REDIS_SSL_KEYFILE
+  value: /run/secrets/redis-tls/tls.key
+{{- end }}
 {{- end }}
 {{- end }}
 
-{{/* The env list of a fleet container: REDIS_URL from its Secret, then a map of fleet settings (may be empty).
+{{/* The Secret volumes behind redisSecretEnv (may be empty). Secret files are 0440: readable through fsGroup. */}}
+{{- define "finsight-fleet.redisVolumes" -}}
+{{- with include "finsight-fleet.redisPasswordSecret" . }}
+- name: redis-password
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "finsight-fleet.redisPasswordKey" $ }}
+        path: password
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-tls
+  secret:
+    secretName: {{ include "finsight-fleet.redisTlsSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      {{- if .Values.redis.tls.clientCertificate }}
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "finsight-fleet.redisVolumeMounts" -}}
+{{- if include "finsight-fleet.redisPasswordSecret" . }}
+- name: redis-password
+  mountPath: /run/secrets/redis
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-tls
+  mountPath: /run/secrets/redis-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The env list of a fleet container: Redis' connection, then a map of fleet settings (may be empty).
 include "finsight-fleet.env" (dict "root" $ "env" $map) */}}
 {{- define "finsight-fleet.env" -}}
 {{- include "finsight-fleet.redisSecretEnv" .root }}
@@ -138,18 +242,21 @@ include "finsight-fleet.env" (dict "root" $ "env" $map) */}}
 {{- end }}
 {{- end }}
 
-{{/* Pod annotations that roll the pods when the fleet's configuration changes. */}}
+{{/* Pod annotations that roll the pods when the fleet's configuration or the chart's Redis Secret changes (a new
+password reaches Redis and every client together). */}}
 {{- define "finsight-fleet.configChecksum" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/redis: {{ include (print .Template.BasePath "/redis-secret.yaml") . | sha256sum }}
 {{- end }}
 
-{{/* Volumes every fleet pod mounts: /tmp (the root filesystem may be read-only) and the model store. */}}
+{{/* Volumes every fleet pod mounts: /tmp (the root filesystem may be read-only), the model store, Redis' secrets. */}}
 {{- define "finsight-fleet.volumes" -}}
 - name: tmp
   emptyDir: {}
 - name: model-store
   persistentVolumeClaim:
     claimName: {{ include "finsight-fleet.modelStoreClaim" . }}
+{{- include "finsight-fleet.redisVolumes" . }}
 {{- end }}
 
 {{/* include "finsight-fleet.volumeMounts" (dict "root" $ "readOnly" true) */}}
@@ -161,4 +268,5 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
   {{- if .readOnly }}
   readOnly: true
   {{- end }}
+{{- include "finsight-fleet.redisVolumeMounts" .root }}
 {{- end }}
