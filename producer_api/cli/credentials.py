@@ -57,10 +57,12 @@ def ensure_local_admin_key(settings: FleetSettings) -> str:
     from redis.asyncio import Redis
 
     from producer_api.security.keystore import KeyStore
+    from shared import redis_options
     from shared.keys import Keys
 
     async def main() -> str:
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        redis = Redis.from_url(redis_options.url(settings), **redis_options.client_kwargs(settings),
+                               socket_connect_timeout=5, socket_timeout=10)
         try:
             store = KeyStore(redis, Keys(settings.redis_key_prefix), cache_seconds=0)
             known = read_secret(api_key_file())

@@ -23,6 +23,7 @@ def _run(action: Callable[[Any], Awaitable[T]]) -> T:
     from redis.exceptions import RedisError
 
     from producer_api.security.keystore import KeyStore
+    from shared import redis_options
     from shared.errors import FleetError
     from shared.keys import Keys
     from shared.settings import get_settings
@@ -30,7 +31,8 @@ def _run(action: Callable[[Any], Awaitable[T]]) -> T:
     settings = get_settings()
 
     async def main() -> T:
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        redis = Redis.from_url(redis_options.url(settings), **redis_options.client_kwargs(settings),
+                               socket_connect_timeout=5, socket_timeout=10)
         try:
             return await action(KeyStore(redis, Keys(settings.redis_key_prefix), cache_seconds=0))
         finally:
