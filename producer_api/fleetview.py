@@ -2,14 +2,17 @@
 
 Workers write these hashes (see :mod:`shared.stats`); this module reads them with the API's asyncio client,
 batching each step into one pipeline, and turns them into :class:`shared.schemas.ServingStats` with the same
-pure helper the sync reader uses.
+pure helper the sync reader uses. Models whose stats hash expired are left out (of ``/v1/stats`` and
+``/metrics`` alike) and forgotten, as :func:`shared.stats.forget_models` does for the sync reader.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
+
+from redis.exceptions import WatchError
 
 from producer_api.jobdoc import decode_hash
 from shared import routing
@@ -83,16 +86,40 @@ async def serving_stats(redis: Any, keys: Keys) -> dict[str, Any]:
     held = await models_held(redis, keys, workers)
     per_worker = {w: stats_from_hash(raw, now=now) for w, raw in zip(workers, worker_raw)}
     # A model loaded but never served has no stats hash yet; it is listed all the same.
-    models = sorted({_text(m) for m in model_ids} | set(held))
+    listed = {_text(m) for m in model_ids}
+    models = sorted(listed | set(held))
     pipe = redis.pipeline(transaction=False)
     for model_id in models:
         pipe.hgetall(keys.model_stats(model_id))
+    raws = dict(zip(models, await pipe.execute()))
+    gone = [m for m in sorted(listed) if not raws[m]]
+    if gone:
+        await forget_models(redis, keys, gone)
     per_model = {m: stats_from_hash(raw, now=now, models_loaded=len(held.get(m, ())))
-                 for m, raw in zip(models, await pipe.execute())}
+                 for m, raw in raws.items() if raw or m in held}
     fleet = stats_from_hash(fleet_raw, now=now,
                             models_loaded=sum(s.models_loaded for s in per_worker.values()),
                             memory_mb=sum(s.total_memory_mb for s in per_worker.values()))
     return {"fleet": fleet, "workers": per_worker, "models": per_model}
+
+
+async def forget_models(redis: Any, keys: Keys, model_ids: Iterable[str]) -> None:
+    """Drop from the set of models with stats those of ``model_ids`` whose hash is (still) gone.
+
+    NOTE: WATCHed, like :func:`shared.stats.forget_models`: a worker writing a model's stats meanwhile (its SADD
+    rides in the MULTI of its counters) makes the removal fail rather than hide a live model.
+    """
+    ids = list(model_ids)
+    async with redis.pipeline(transaction=True) as pipe:
+        try:
+            await pipe.watch(*(keys.model_stats(m) for m in ids))
+            gone = [m for m in ids if not await pipe.exists(keys.model_stats(m))]
+            if gone:
+                pipe.multi()
+                pipe.srem(keys.stats_models(), *gone)
+                await pipe.execute()
+        except WatchError:
+            pass  # a model came back meanwhile: the next reader tries again
 
 
 @dataclass

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 WORKER_HEARTBEAT_TTL_S = 30
 #: How often a worker refreshes its heartbeat.
 WORKER_HEARTBEAT_INTERVAL_S = 5
+#: Seconds a model's stats hash (and the set that lists it) lives after its last write: the stats of a model
+#: removed from the store, or no longer served, expire instead of being listed forever.
+MODEL_STATS_TTL_S = 7 * 24 * 3600
 #: Latency histogram bucket upper bounds, in milliseconds (Prometheus ``le`` labels; +Inf is implicit).
 LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 #: Celery's result key prefix (redis backend).
@@ -47,7 +50,8 @@ class Keys:
 
     # -- stats -----------------------------------------------------------------------------------------------
     def model_stats(self, model_id: str) -> str:
-        """Hash: prediction counters, latency sum and histogram of one model, over the whole fleet."""
+        """Hash: prediction counters, latency sum and histogram of one model, over the whole fleet; expires
+        :data:`MODEL_STATS_TTL_S` after its last write."""
         return f"{self.prefix}:stats:model:{model_id}"
 
     def worker_stats(self, worker_id: str) -> str:
@@ -59,7 +63,7 @@ class Keys:
         return f"{self.prefix}:stats:fleet"
 
     def stats_models(self) -> str:
-        """Set: model ids that have stats."""
+        """Set: model ids that have stats (readers drop the members whose hash expired)."""
         return f"{self.prefix}:stats:models"
 
     def workers(self) -> str:

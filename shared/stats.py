@@ -4,6 +4,10 @@ Counters live in three hashes (per model, per worker process, whole fleet) and m
 ``MULTI``/``EXEC`` pipeline per job (or per batch of jobs), so a reader never sees a model count that the fleet
 count does not include. The latency histogram is stored per bucket (``h:<le>`` fields, not cumulative) and
 made cumulative on read.
+
+Model stats exist only for models in the store: a prediction that failed with ``ModelNotFoundError`` counts for
+its worker and the fleet, not for the id it named. Each model hash expires :data:`MODEL_STATS_TTL_S` after its
+last write, and readers drop (and forget) the ids of the set ``Keys.stats_models()`` whose hash is gone.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from shared.keys import LATENCY_BUCKETS_MS, WORKER_HEARTBEAT_TTL_S, Keys
+from redis.exceptions import WatchError
+
+from shared.errors import FleetError, ModelNotFoundError
+from shared.keys import LATENCY_BUCKETS_MS, MODEL_STATS_TTL_S, WORKER_HEARTBEAT_TTL_S, Keys
 from shared.schemas import ModelInfo, ServingStats
 
 _BUCKET_FIELDS = [f"h:{b:g}" for b in LATENCY_BUCKETS_MS] + ["h:+Inf"]
@@ -23,11 +30,20 @@ _BUCKET_FIELDS = [f"h:{b:g}" for b in LATENCY_BUCKETS_MS] + ["h:+Inf"]
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What one finished prediction adds to the counters."""
+    """What one finished prediction adds to the counters; ``model_id`` None counts for the worker and the fleet
+    only."""
 
-    model_id: str
+    model_id: str | None
     ok: bool
     latency_ms: float
+
+    @classmethod
+    def of(cls, model_id: str, outcome: Any, latency_ms: float = 0.0) -> "JobOutcome":
+        """The outcome of one prediction of ``model_id``: its result, or the :class:`FleetError` it failed with."""
+        failed = isinstance(outcome, FleetError)
+        # NOTE: a model the store lacks gets no stats: every id a client made up would leave a hash behind.
+        counted = None if isinstance(outcome, ModelNotFoundError) else model_id
+        return cls(counted, not failed, 0.0 if failed else latency_ms)
 
 
 def bucket_field(latency_ms: float) -> str:
@@ -59,8 +75,11 @@ class StatsWriter:
         latency: dict[str, float] = defaultdict(float)
         models: set[str] = set()
         for outcome in outcomes:
-            models.add(outcome.model_id)
-            for key in (self.keys.model_stats(outcome.model_id), worker_key, fleet_key):
+            keys = [worker_key, fleet_key]
+            if outcome.model_id is not None:
+                models.add(outcome.model_id)
+                keys.append(self.keys.model_stats(outcome.model_id))
+            for key in keys:
                 counts[(key, "total")] += 1
                 counts[(key, "ok" if outcome.ok else "failed")] += 1
                 if outcome.ok:
@@ -76,6 +95,10 @@ class StatsWriter:
             pipe.hincrby(key, field, delta)
         for key, total in latency.items():
             pipe.hincrbyfloat(key, "latency_sum_ms", total)
+        if models:
+            for model_id in sorted(models):
+                pipe.expire(self.keys.model_stats(model_id), MODEL_STATS_TTL_S)
+            pipe.expire(self.keys.stats_models(), MODEL_STATS_TTL_S)
 
     def heartbeat(self, models: list[ModelInfo], now: float | None = None, **fields: Any) -> None:
         """Publish this process's loaded models, memory and liveness (plus ``fields``: queues, health)."""
@@ -109,6 +132,29 @@ class StatsWriter:
 def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def forget_models(redis: Any, keys: Keys, model_ids: Iterable[str]) -> None:
+    """Drop from the set of models with stats those of ``model_ids`` whose hash is (still) gone (sync client).
+
+    NOTE: WATCHed: a worker that writes a model's stats between this check and the removal (its SADD rides in
+    the same MULTI as its counters) makes the removal fail instead of hiding a live model.
+    """
+    ids = list(model_ids)
+    with redis.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(*(keys.model_stats(m) for m in ids))
+            gone = [m for m in ids if not pipe.exists(keys.model_stats(m))]
+            if gone:
+                pipe.multi()
+                pipe.srem(keys.stats_models(), *gone)
+                pipe.execute()
+        except WatchError:
+            pass  # a model came back meanwhile: the next reader tries again
 
 
 def stats_from_hash(raw: Mapping[Any, Any], *, now: float | None = None, models_loaded: int | None = None,
@@ -163,6 +209,18 @@ class StatsReader:
     def model(self, model_id: str) -> ServingStats:
         holders = [w for w in self.live_workers() if model_id in self.loaded_model_ids(w)]
         return stats_from_hash(self.redis.hgetall(self.keys.model_stats(model_id)), models_loaded=len(holders))
+
+    def models(self) -> dict[str, ServingStats]:
+        """Stats of every model that has some (a stats hash), by id; ids whose hash expired are forgotten."""
+        ids = sorted(_text(m) for m in self.redis.smembers(self.keys.stats_models()))
+        pipe = self.redis.pipeline(transaction=False)
+        for model_id in ids:
+            pipe.hgetall(self.keys.model_stats(model_id))
+        raws = dict(zip(ids, pipe.execute()))
+        gone = [m for m, raw in raws.items() if not raw]
+        if gone:
+            forget_models(self.redis, self.keys, gone)
+        return {m: self.model(m) for m, raw in raws.items() if raw}
 
     def loaded_model_ids(self, worker_id: str) -> set[str]:
         return {k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.keys.worker_models(worker_id))}

@@ -134,3 +134,20 @@ async def test_metrics_can_be_switched_off(aiohttp_client, settings, aredis, cel
     client = await aiohttp_client(create_app(off, redis=aredis, celery_app=celery),
                                   headers={"X-API-Key": admin_key})
     assert (await client.get("/metrics")).status == 404
+
+
+async def test_stats_and_metrics_drop_models_whose_stats_expired(client, fleet):
+    fleet.sadd(KEYS.stats_models(), "GONE_1h_patchtst", "LATER_1h_patchtst")  # their hashes expired
+    body = await (await client.get("/v1/stats")).json()
+    assert set(body["models"]) == {MODEL}
+    assert fleet.smembers(KEYS.stats_models()) == {MODEL.encode()}  # forgotten, not only hidden
+    fleet.sadd(KEYS.stats_models(), "LATER_1h_patchtst")
+    assert (await client.get("/metrics")).status == 200
+    assert fleet.smembers(KEYS.stats_models()) == {MODEL.encode()}
+
+
+async def test_a_model_held_but_never_served_is_listed_without_stats(client, fleet):
+    StatsWriter(fleet, KEYS, "gamma@host|14").heartbeat([_info("AAPL_1h_sentiment")], queues="infer.simple.cpu")
+    body = await (await client.get("/v1/stats")).json()
+    assert body["models"]["AAPL_1h_sentiment"]["total_predictions"] == 0
+    assert body["models"]["AAPL_1h_sentiment"]["models_loaded"] == 1

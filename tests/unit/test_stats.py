@@ -1,13 +1,15 @@
-"""Stats in Redis: atomic writes per job and typed reads, on fakeredis."""
+"""Stats in Redis: atomic writes per job and typed reads, on fakeredis; no stats for models the store lacks,
+and model stats that expire."""
 
 from __future__ import annotations
 
 import fakeredis
 import pytest
 
-from shared.keys import Keys
-from shared.schemas import ModelInfo
-from shared.stats import JobOutcome, StatsReader, StatsWriter, bucket_field
+from shared.errors import ModelNotFoundError, PredictionError
+from shared.keys import MODEL_STATS_TTL_S, Keys
+from shared.schemas import ModelInfo, UnloadResult
+from shared.stats import JobOutcome, StatsReader, StatsWriter, bucket_field, forget_models, stats_from_hash
 
 
 @pytest.fixture()
@@ -63,3 +65,61 @@ def test_fleet_sums_live_workers_only(redis) -> None:
     assert reader.model("A_1h_patchtst").models_loaded == 1
     live.retire()
     assert reader.live_workers() == []
+
+
+def test_a_prediction_of_a_model_not_in_the_store_counts_for_the_fleet_not_the_model(redis) -> None:
+    keys = Keys("t")
+    writer = StatsWriter(redis, keys, "w1")
+    missing = ModelNotFoundError("model MADE_1h_patchtst is not in the model store")
+    outcomes = [JobOutcome.of("MADE_1h_patchtst", missing), JobOutcome.of("A_1h_patchtst", object(), 5.0),
+                JobOutcome.of("A_1h_patchtst", PredictionError("boom"), 9.0)]
+    assert outcomes[0] == JobOutcome(None, False, 0.0) and outcomes[2] == JobOutcome("A_1h_patchtst", False, 0.0)
+    writer.record(outcomes)
+    assert not redis.exists(keys.model_stats("MADE_1h_patchtst"))
+    assert redis.smembers(keys.stats_models()) == {b"A_1h_patchtst"}
+    reader = StatsReader(redis, keys)
+    assert reader.model("A_1h_patchtst").total_predictions == 2
+    fleet = stats_from_hash(redis.hgetall(keys.fleet_stats()))
+    assert (fleet.total_predictions, fleet.failed_predictions) == (3, 2)
+    assert reader.worker("w1").total_predictions == 3
+
+
+def test_model_stats_expire_after_their_last_write_and_readers_forget_them(redis) -> None:
+    keys = Keys("t")
+    writer = StatsWriter(redis, keys, "w1")
+    writer.record([JobOutcome("A_1h_patchtst", True, 1.0), JobOutcome("B_1h_patchtst", True, 1.0)])
+    for key in (keys.model_stats("A_1h_patchtst"), keys.model_stats("B_1h_patchtst"), keys.stats_models()):
+        assert MODEL_STATS_TTL_S - 5 < redis.ttl(key) <= MODEL_STATS_TTL_S
+    redis.expire(keys.model_stats("B_1h_patchtst"), 1000)
+    writer.record([JobOutcome("B_1h_patchtst", True, 1.0)])  # each write refreshes the TTL
+    assert redis.ttl(keys.model_stats("B_1h_patchtst")) > MODEL_STATS_TTL_S - 5
+    assert redis.ttl(keys.worker_stats("w1")) == -1 and redis.ttl(keys.fleet_stats()) == -1  # these stay
+    redis.delete(keys.model_stats("B_1h_patchtst"))  # as its TTL would
+    reader = StatsReader(redis, keys)
+    assert set(reader.models()) == {"A_1h_patchtst"}
+    assert redis.smembers(keys.stats_models()) == {b"A_1h_patchtst"}
+
+
+def test_forgetting_never_drops_a_model_whose_stats_came_back(redis) -> None:
+    keys = Keys("t")
+    redis.sadd(keys.stats_models(), "A_1h_patchtst", "B_1h_patchtst")
+    StatsWriter(redis, keys, "w1").record([JobOutcome("A_1h_patchtst", True, 1.0)])
+    forget_models(redis, keys, ["A_1h_patchtst", "B_1h_patchtst"])  # A was written after its caller looked
+    assert redis.smembers(keys.stats_models()) == {b"A_1h_patchtst"}
+
+
+def test_the_outcome_writer_keeps_made_up_models_out_of_the_stats(redis) -> None:
+    from shared.celery_app import app
+    from shared.jobs import JobRecorder
+    from workers.executor.outcomes import CeleryResultEncoder, FinishedJob, OutcomeWriter
+
+    keys = Keys("t")
+    writer = OutcomeWriter(redis, JobRecorder(redis, keys, 60), StatsWriter(redis, keys, "w1"),
+                           CeleryResultEncoder(app.backend), 60)
+    result = UnloadResult(model_id="A_1h_patchtst", unloaded=True)  # any result: only its kind matters here
+    writer.finish([FinishedJob("j1", "MADE_1h_patchtst", ModelNotFoundError("not in the store")),
+                   FinishedJob("j2", "A_1h_patchtst", result, inference_ms=2.0)])
+    assert redis.smembers(keys.stats_models()) == {b"A_1h_patchtst"}
+    assert stats_from_hash(redis.hgetall(keys.fleet_stats())).total_predictions == 2
+    writer.progress("j3", 1, 2, [JobOutcome.of("MADE_1h_patchtst", ModelNotFoundError("gone"))])
+    assert not redis.exists(keys.model_stats("MADE_1h_patchtst"))

@@ -85,7 +85,7 @@ class Handlers:
                             if isinstance(res, FleetError) else BatchItemResult(index=i, result=res))
             done += len(chunk)
             self.outcomes.progress(job_id, done, total, [
-                JobOutcome(j.model_id, not isinstance(r, FleetError), getattr(r, "inference_time_ms", 0.0))
+                JobOutcome.of(j.model_id, r, getattr(r, "inference_time_ms", 0.0))
                 for (_, j), r in zip(chunk, results)], self.pool.cache_deltas())
         final = [it for it in items if it is not None]
         failed = sum(1 for it in final if it.error is not None)

@@ -89,14 +89,15 @@ class OutcomeWriter:
         pipe = self.redis.pipeline(transaction=True)
         for job in jobs:
             key, payload = self.encoder.key(job.job_id), self.encoder.final(job.job_id, job.outcome)
-            pipe.setex(key, self.result_ttl, payload)
+            pipe.set(key, payload, ex=self.result_ttl)
             pipe.publish(key, payload)
             error = job.outcome.to_dict() if isinstance(job.outcome, FleetError) else None
             self.recorder.finished(
                 job.job_id, error is None, load_ms=job.load_ms, inference_ms=job.inference_ms, error=error,
                 status="cancelled" if error and error["type"] == "JobCancelledError" else None, pipe=pipe)
         if self.stats is not None:
-            self.stats.add(pipe, [JobOutcome(j.model_id, not j.failed, j.inference_ms)
+            # NOTE: JobOutcome.of counts a ModelNotFoundError for the worker and the fleet, not for the model id.
+            self.stats.add(pipe, [JobOutcome.of(j.model_id, j.outcome, j.inference_ms)
                                   for j in jobs if j.model_id is not None], cache)
         if also is not None:
             also(pipe)
@@ -110,7 +111,7 @@ class OutcomeWriter:
         pipe = self.redis.pipeline(transaction=True)
         key = self.encoder.key(job_id)
         meta = self.encoder.meta(job_id, "PROGRESS", {"done": done, "total": total})
-        pipe.setex(key, self.result_ttl, meta)
+        pipe.set(key, meta, ex=self.result_ttl)
         pipe.publish(key, meta)
         self.recorder.progress(job_id, done, total, pipe=pipe)
         if self.stats is not None:
