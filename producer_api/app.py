@@ -95,7 +95,8 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     guard = Guard(keystore, RateLimits(redis, keys.rate_limits(), settings.api_rate_limit,
                                        settings.api_rate_limits)) if settings.api_auth_enabled else None
     app = web.Application(client_max_size=settings.api_max_body_bytes,
-                          middlewares=[error_middleware, auth_middleware(guard)])
+                          middlewares=[error_middleware, auth_middleware(guard)],
+                          handler_args={"auto_decompress": False})
     channels = JobChannels(redis, keys.api_watch_idle())
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
                           records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,

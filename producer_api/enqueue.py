@@ -1,13 +1,17 @@
-"""Enqueueing jobs: validate, check the store, record, send. The routes only decode and encode around this.
+"""Enqueueing jobs: validate, bound, check the store, record, send. The routes only decode and encode around this.
 
-The ``queued`` record and the message go in one MULTI (see :func:`submit`): a worker that takes the job at
-once always finds a record to update, and with Redis down neither is written and the client gets a 503.
+Bounds come before the work they spare: a series over its rows or channels is refused from the decoded body's
+list lengths, before pydantic builds a float per value; a job whose result would hold more than
+``API_MAX_RESULT_VALUES`` numbers is refused before it is sent. The ``queued`` record and the message go in
+one MULTI (see :func:`submit`): a worker that takes the job at once always finds a record to update, and with
+Redis down neither is written and the client gets a 503.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 from producer_api.context import ApiContext
 from producer_api.errors import validation_error
 from shared import celery_wire, routing, store_layout, tasks
-from shared.errors import InvalidInputError
-from shared.schemas import BatchPredictJob, LoadJob, ModelKey, PredictJob, UnloadJob, model_id_for
+from shared.errors import InvalidInputError, ModelNotFoundError
+from shared.schemas import (MAX_CHANNELS, MAX_N_STEPS, MAX_SERIES_ROWS, BatchPredictJob, LoadJob, ModelKey, PredictJob,
+                            UnloadJob, model_id_for)
 
 #: Job kind (as in :data:`shared.jobs.JOB_KINDS`) -> (payload schema, public task name).
 KINDS: dict[str, tuple[type[BaseModel], str]] = {
@@ -26,38 +31,104 @@ KINDS: dict[str, tuple[type[BaseModel], str]] = {
     "predict": (PredictJob, tasks.PREDICT),
     "batch_predict": (BatchPredictJob, tasks.BATCH_PREDICT),
 }
+#: The field naming where a body of each kind holds series rows (see :func:`producer_api.body.read_body`).
+ROW_FIELDS = {"predict": "inputs.series", "batch_predict": "requests"}
+#: Numbers per text in a sentiment result: one probability per class (negative, neutral, positive).
+SENTIMENT_CLASSES = 3
+_UNSEEN = object()  # a model not in ctx.models_seen (None there means "found, horizon unknown")
+
+
+def _check_series_bounds(body: Any, prefix: str = "") -> None:
+    """Refuse a series over its row or channel bound from the decoded body, before pydantic sees it.
+
+    NOTE: the schema bounds the same, but only after building a float per value: a row of a million zeros
+    would cost ~40 MB and a second of CPU before its 422. Lengths of the decoded lists cost nothing.
+    """
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    series = inputs.get("series") if isinstance(inputs, dict) else None
+    if not isinstance(series, list):
+        return  # absent or not a list: the schema says what is wrong
+    field = f"{prefix}inputs.series"
+    if len(series) > MAX_SERIES_ROWS:
+        raise InvalidInputError(f"{field}: {len(series)} rows; at most {MAX_SERIES_ROWS} are allowed", field=field)
+    for index, row in enumerate(series):
+        if isinstance(row, list) and len(row) > MAX_CHANNELS:
+            raise InvalidInputError(f"{field}.{index}: {len(row)} channels; at most {MAX_CHANNELS} are allowed",
+                                    field=f"{field}.{index}")
 
 
 def _check_finite(job: PredictJob, prefix: str = "") -> None:
-    # NOTE: the schema accepts NaN and inf (floats, "NaN" strings, 1e400, NaN in a tensor); no model output
-    # is meaningful for them, so they are refused here rather than failing in a worker.
+    # NOTE: the schema accepts NaN and inf (floats, "NaN" strings, NaN in a tensor); no model output is
+    # meaningful for them, so they are refused here rather than failing in a worker.
     series = job.inputs.series_array()
     if series is not None and not np.isfinite(series).all():
         field = f"{prefix}inputs.{'tensor' if job.inputs.tensor is not None else 'series'}"
         raise InvalidInputError(f"{field}: values must be finite numbers (no NaN or infinity)", field=field)
 
 
-def _check_store(ctx: ApiContext, job: LoadJob | PredictJob) -> None:
+def _check_store(ctx: ApiContext, job: LoadJob | PredictJob) -> int | None:
+    """Check that the job's model is in the store; returns its horizon (``prediction_length``) when its config
+    tells it, which is the ``n_steps`` a worker forecasts when the job gives none."""
     # NOTE: only models found are remembered (for STORE_CHECK_TTL_S): a model added to the store is seen at
     # once, and one deleted within the TTL fails its jobs in the worker with the same typed error.
     seen = (job.model_id, job.version)
-    if seen in ctx.models_seen:
-        return
+    known = ctx.models_seen.get(seen, _UNSEEN)  # one lookup: an entry may expire between two
+    if known is not _UNSEEN:
+        return known
     key = ModelKey(symbol=job.symbol, timeframe=job.timeframe, model_type=job.model_type)
-    store_layout.model_dir(ctx.settings.model_store_dir, key, job.version)  # ModelNotFoundError -> 404
-    ctx.models_seen[seen] = True
+    found = store_layout.model_dir(ctx.settings.model_store_dir, key, job.version)  # ModelNotFoundError -> 404
+    horizon = _horizon(found) if key.model_type.is_forecaster else None
+    ctx.models_seen[seen] = horizon
+    return horizon
 
 
-def _batch_items(job: BatchPredictJob, now: float) -> list[dict[str, Any]]:
+def _horizon(model_dir: Path) -> int | None:
+    try:
+        value = store_layout.read_json(model_dir / store_layout.CONFIG_FILE).get("prediction_length")
+    except (OSError, ValueError, InvalidInputError):
+        return None  # the worker reports a broken config when it loads the model; the bound assumes the worst
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _result_values(job: PredictJob, horizon: int | None) -> int:
+    """How many numbers the job's result holds: n_steps x channels (texts x classes for sentiment).
+
+    Without ``n_steps`` a worker forecasts the model's horizon; when the store does not tell it, the estimate
+    takes the longest forecast the schema admits (:data:`MAX_N_STEPS`).
+    """
+    if job.inputs.texts is not None:
+        return len(job.inputs.texts) * SENTIMENT_CLASSES
+    return (job.n_steps or horizon or MAX_N_STEPS) * (job.inputs.channels or 1)
+
+
+def _check_result_size(ctx: ApiContext, values: int, field: str) -> None:
+    bound = ctx.settings.api_max_result_values
+    if values > bound:
+        raise InvalidInputError(
+            f"{field}: the result would hold {values} values (items x n_steps x channels; without n_steps the "
+            f"model's horizon, or {MAX_N_STEPS} when the store does not tell it), over API_MAX_RESULT_VALUES="
+            f"{bound}; ask for fewer steps or split the job", field=field)
+
+
+def _batch_items(ctx: ApiContext, job: BatchPredictJob, now: float) -> list[dict[str, Any]]:
     items = []
+    values = 0
     for index, raw in enumerate(job.requests):
+        prefix = f"requests.{index}"
+        _check_series_bounds(raw, prefix=f"{prefix}.")
         try:
             item = PredictJob.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(exc, prefix=("requests", index)) from None
-        _check_finite(item, prefix=f"requests.{index}.")
+        _check_finite(item, prefix=f"{prefix}.")
+        try:
+            horizon = _check_store(ctx, item)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{prefix}: {exc.message}", field=prefix) from None
+        values += _result_values(item, horizon)
         item.enqueued_at = now
         items.append(item.model_dump(mode="json"))
+    _check_result_size(ctx, values, "requests")
     return items
 
 
@@ -65,27 +136,32 @@ def parse_job(ctx: ApiContext, kind: str, body: Any) -> BaseModel:
     """Validate a decoded body as a ``kind`` job and stamp its enqueue time.
 
     Raises:
-        InvalidInputError: the body or a batch item does not fit the schema, or series values are not finite
-            (422, naming the field).
-        ModelNotFoundError: a load or predict names a model (or version) the store lacks (404).
+        InvalidInputError: the body or a batch item does not fit the schema, series values are not finite, or
+            the result would be larger than ``API_MAX_RESULT_VALUES`` (422, naming the field).
+        ModelNotFoundError: a load, predict or batch item names a model (or version) the store lacks (404; a
+            batch item's field is ``requests.<i>``).
     """
     schema, _ = KINDS[kind]
+    if schema is PredictJob:
+        _check_series_bounds(body)
     try:
         job = schema.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
     now = time.time()
     if isinstance(job, BatchPredictJob):
-        # NOTE: items are normalised here so that a bad one is a 422 now; a model missing from the store fails
-        # only its own item, in the worker, like any other per-item error.
-        job.requests = _batch_items(job, now)
+        # NOTE: items are normalised here so that a bad one (or one whose model the store lacks) is refused
+        # now, naming its index, rather than failing in a worker.
+        job.requests = _batch_items(ctx, job, now)
     if isinstance(job, PredictJob):
         _check_finite(job)
     if isinstance(job, (PredictJob, BatchPredictJob)):
         job.enqueued_at = now
     # An unload must work for a model already deleted from the store, so only loads and predicts are checked.
     if isinstance(job, (LoadJob, PredictJob)):
-        _check_store(ctx, job)
+        horizon = _check_store(ctx, job)
+        if isinstance(job, PredictJob):
+            _check_result_size(ctx, _result_values(job, horizon), "n_steps")
     return job
 
 

@@ -9,6 +9,7 @@ its shape, raw bytes in msgpack or base64 in JSON).
 from __future__ import annotations
 
 import base64
+import math
 import re
 import time
 from enum import Enum
@@ -30,6 +31,10 @@ from shared.settings import AdapterName, DeviceName
 
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,15}$")
 MAX_SERIES_ROWS = 100_000
+#: Most channels (values per row) a series may have: a row is one bar of a few features, never thousands.
+MAX_CHANNELS = 256
+#: Most values a tensor may hold (a series of the longest length and the widest width).
+MAX_TENSOR_VALUES = MAX_SERIES_ROWS * MAX_CHANNELS
 MAX_TEXTS = 1024
 MAX_N_STEPS = 1024
 MAX_BATCH_REQUESTS = 1024
@@ -133,9 +138,18 @@ class EncodedTensor(_Strict):
     shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=3)
     data: WireBytes
 
+    @field_validator("shape")
+    @classmethod
+    def _bounded(cls, shape: list[int]) -> list[int]:
+        # NOTE: Python ints, not np.prod: [2**32, 2**32] wraps to 0 in int64 and would pass the size check.
+        values = math.prod(shape)
+        if values > MAX_TENSOR_VALUES:
+            raise ValueError(f"shape {shape} holds {values} values; at most {MAX_TENSOR_VALUES} are allowed")
+        return shape
+
     @model_validator(mode="after")
     def _check_size(self) -> "EncodedTensor":
-        expected = int(np.prod(self.shape)) * 4
+        expected = math.prod(self.shape) * 4
         if len(self.data) != expected:
             raise ValueError(f"data holds {len(self.data)} bytes, shape {self.shape} needs {expected}")
         return self
@@ -152,7 +166,8 @@ class EncodedTensor(_Strict):
 class PredictInputs(_Strict):
     """Exactly one of: ``series`` (time x channels lists), ``tensor`` (compact series), ``texts`` (headlines)."""
 
-    series: list[list[float]] | None = Field(None, min_length=1, max_length=MAX_SERIES_ROWS)
+    series: list[Annotated[list[float], Field(max_length=MAX_CHANNELS)]] | None = Field(
+        None, min_length=1, max_length=MAX_SERIES_ROWS)
     tensor: EncodedTensor | None = None
     texts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
         None, min_length=1, max_length=MAX_TEXTS
@@ -170,14 +185,32 @@ class PredictInputs(_Strict):
                     raise ValueError(f"series must be rectangular: row {i} has {len(row)} values, row 0 has {width}")
         return rows
 
+    @field_validator("tensor")
+    @classmethod
+    def _series_shaped(cls, tensor: EncodedTensor | None) -> EncodedTensor | None:
+        if tensor is None:
+            return tensor
+        if len(tensor.shape) != 2:
+            raise ValueError("inputs.tensor must be 2-D (time x channels)")
+        rows, channels = tensor.shape
+        if rows > MAX_SERIES_ROWS or channels > MAX_CHANNELS:
+            raise ValueError(f"inputs.tensor.shape {tensor.shape} is over the bounds of a series: at most "
+                             f"{MAX_SERIES_ROWS} rows of at most {MAX_CHANNELS} channels")
+        return tensor
+
     @model_validator(mode="after")
     def _exactly_one(self) -> "PredictInputs":
         given = [name for name in ("series", "tensor", "texts") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("inputs must hold exactly one of 'series', 'tensor' or 'texts'")
-        if self.tensor is not None and len(self.tensor.shape) != 2:
-            raise ValueError("inputs.tensor must be 2-D (time x channels)")
         return self
+
+    @property
+    def channels(self) -> int | None:
+        """Values per row of a series (either form); None for texts."""
+        if self.tensor is not None:
+            return self.tensor.shape[1]
+        return len(self.series[0]) if self.series else None
 
     def series_array(self) -> np.ndarray | None:
         """The series as a float32 (time, channels) array, whichever form it came in."""

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from producer_api.body import read_body, wait_param
 from producer_api.context import ctx
-from producer_api.enqueue import parse_job, submit
+from producer_api.enqueue import ROW_FIELDS, parse_job, submit
 from producer_api.jobdoc import JobDocument
 from producer_api.responses import Accepted, json_document
 from producer_api.watch import JobWatch
@@ -22,7 +22,7 @@ async def enqueue(request: web.Request, kind: str) -> web.Response:
     """Validate, enqueue and optionally wait for one ``kind`` job."""
     c = ctx(request)
     wait = wait_param(request)  # before enqueueing: a bad ?wait must not leave a job behind
-    job = parse_job(c, kind, await read_body(request))
+    job = parse_job(c, kind, await read_body(request, row_field=ROW_FIELDS.get(kind)))
     if wait is None:
         job_id, _ = await submit(c, kind, job)
         return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)

@@ -62,7 +62,9 @@ BAD_INPUTS: list[tuple[str, bytes, dict[str, str], int]] = [
     ("/v1/predict", b'{"inputs": {"series": [[Infinity]]}}', JSON, 400),
     ("/v1/predict", _inputs({"series": [["NaN"]]}), JSON, 422),
     ("/v1/predict", _inputs({"series": [["inf", 1.0]]}), JSON, 422),
-    ("/v1/predict", _predict(inputs={"series": [[1e400]]}).replace(b"Infinity", b"1e400"), JSON, 422),
+    # a number that overflows a double is refused by the (strict) JSON decoder itself
+    ("/v1/predict", _predict(inputs={"series": [[1e400]]}).replace(b"Infinity", b"1e400"), JSON, 400),
+    ("/v1/predict", b'{"symbol": "' + b"\\ud800" + b'"}', JSON, 400),  # a lone surrogate
     ("/v1/predict", _inputs(None), JSON, 422),
     ("/v1/predict", _inputs({}), JSON, 422),
     ("/v1/predict", _inputs({"series": []}), JSON, 422),
@@ -78,6 +80,11 @@ BAD_INPUTS: list[tuple[str, bytes, dict[str, str], int]] = [
     ("/v1/predict", _inputs({"tensor": {"shape": [1, 1], "data": "AADAfw=="}}), JSON, 422),  # a NaN float32
     ("/v1/predict", _inputs({"tensor": {"shape": [0, 1], "data": ""}}), JSON, 422),
     ("/v1/predict", _inputs({"tensor": {"shape": [10**12, 10**12], "data": ""}}), JSON, 422),
+    ("/v1/predict", _inputs({"tensor": {"shape": [2**32, 2**32], "data": ""}}), JSON, 422),  # wraps to 0 in int64
+    ("/v1/predict", _inputs({"tensor": {"shape": [2**64, 1], "data": ""}}), JSON, 422),
+    ("/v1/predict", _inputs({"tensor": {"shape": [1, 257], "data": "A" * 1370}}), JSON, 422),
+    ("/v1/predict", _inputs({"series": [[0.0] * 257]}), JSON, 422),
+    ("/v1/predict", _inputs({"series": [[0.0]] * 100_001}), JSON, 422),
     ("/v1/predict", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, 400),
     ("/v1/predict/batch", b'{"requests": []}', JSON, 422),
     ("/v1/predict/batch", b'{"requests": [null]}', JSON, 422),

@@ -86,13 +86,23 @@ async def test_batch_validates_each_item(client, celery):
 
 
 async def test_batch_is_one_job_with_normalised_items(client, celery, sredis):
-    other = {**PREDICT, "symbol": "msft"}  # not in the store: a per-item error in the worker, not a 404 here
+    other = {"symbol": "aapl", "timeframe": "1h", "model_type": "sentiment", "inputs": {"texts": ["up"]}}
     job_id = await enqueue(client, {"requests": [PREDICT, other], "priority": 7}, "/v1/predict/batch")
     (name, options), = celery.sent
     assert name == tasks.BATCH_PREDICT and options["task_id"] == job_id and options["priority"] == 2
     items = options["kwargs"]["job"]["requests"]
-    assert [i["symbol"] for i in items] == ["AAPL", "MSFT"] and all(i["enqueued_at"] for i in items)
-    assert sredis.hget(KEYS.job(job_id), "model_id") == b"AAPL_1h_patchtst,MSFT_1h_patchtst"
+    assert [i["symbol"] for i in items] == ["AAPL", "AAPL"] and all(i["enqueued_at"] for i in items)
+    assert sredis.hget(KEYS.job(job_id), "model_id") == b"AAPL_1h_patchtst,AAPL_1h_sentiment"
+
+
+@pytest.mark.parametrize("item, message", [({"symbol": "msft"}, "not in the model store"),
+                                           ({"version": "7"}, "has no version 7")])
+async def test_a_batch_item_of_a_model_not_in_the_store_is_404_naming_it(client, celery, sredis, item, message):
+    resp = await client.post("/v1/predict/batch", json={"requests": [PREDICT, PREDICT, {**PREDICT, **item}]})
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["type"] == "ModelNotFoundError" and error["field"] == "requests.2" and message in error["message"]
+    assert celery.sent == [] and sredis.keys(f"{KEYS.prefix}:job:*") == []
 
 
 async def test_wait_returns_the_document_within_100ms_of_the_result(client, celery, sredis, recorder):
