@@ -2,9 +2,9 @@
 
 Bounds come before the work they spare: a series over its rows or channels is refused from the decoded body's
 list lengths, before pydantic builds a float per value; a job whose result would hold more than
-``API_MAX_RESULT_VALUES`` numbers is refused before it is sent. The ``queued`` record and the message go in
-one MULTI (see :func:`submit`): a worker that takes the job at once always finds a record to update, and with
-Redis down neither is written and the client gets a 503.
+``API_MAX_RESULT_VALUES`` numbers is refused before it is sent. The ``queued`` record (naming the job's owner)
+and the message go in one MULTI (see :func:`submit`): a worker that takes the job at once always finds a record
+to update, and with Redis down neither is written and the client gets a 503.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from producer_api.context import ApiContext
 from producer_api.errors import validation_error
+from producer_api.security.principal import Principal
 from shared import celery_wire, routing, store_layout, tasks
 from shared.errors import InvalidInputError, ModelNotFoundError
 from shared.schemas import (MAX_CHANNELS, MAX_N_STEPS, MAX_SERIES_ROWS, BatchPredictJob, LoadJob, ModelKey, PredictJob,
@@ -171,11 +172,13 @@ def _model_id(job: BaseModel) -> str:
     return job.model_id  # type: ignore[attr-defined]
 
 
-async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None = None) -> tuple[str, float]:
+async def submit(ctx: ApiContext, kind: str, job: BaseModel, principal: Principal,
+                 job_id: str | None = None) -> tuple[str, float]:
     """Record and enqueue a validated job in one MULTI; returns its id and enqueue time.
 
     The message is the one ``send_task`` would write (see :mod:`shared.celery_wire`); writing it with the
-    ``queued`` record makes the two atomic: no record without a message, no message without a record.
+    ``queued`` record makes the two atomic: no record without a message, no message without a record. The
+    record names ``principal`` as the job's owner: only it (or an admin) may read or cancel the job.
 
     Raises:
         redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis is unreachable (503).
@@ -192,7 +195,7 @@ async def submit(ctx: ApiContext, kind: str, job: BaseModel, job_id: str | None 
                                                  routing.broker_priority(payload.get("priority", 5)),
                                                  kwargsrepr=f"{{'job': <{kind} {model_id}>}}")
     pipe = ctx.redis.pipeline(transaction=True)
-    ctx.records.enqueued(pipe, job_id, kind, model_id, adapter, device, queue, enqueued_at)
+    ctx.records.enqueued(pipe, job_id, kind, model_id, adapter, device, queue, enqueued_at, owner=principal.name)
     pipe.lpush(list_key, message)
     try:
         await pipe.execute()

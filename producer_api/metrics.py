@@ -79,7 +79,8 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.jobs = Counter("fleet_api_jobs", "Jobs handled by this API process, by kind and status "
-                            "(queued: sent; rejected: the broker was unreachable; cancelled: by a client).",
+                            "(queued: sent; rejected: the broker was unreachable; cancelled: by a client while "
+                            "queued; cancel_requested: a running job asked to stop).",
                             ["kind", "status"], registry=self.registry)
         self.job_latency = Histogram("fleet_api_job_latency_seconds",
                                      "Enqueue to final state, for jobs this API process waited on.",

@@ -15,14 +15,17 @@ from pydantic.json_schema import models_json_schema
 import shared
 from producer_api.body import MAX_WAIT_S
 from producer_api.jobdoc import JobDocument
-from producer_api.responses import (Accepted, BatchPredictRequest, ErrorResponse, Health, ModelList,
+from producer_api.records import JOB_ID_PATTERN
+from producer_api.responses import (Accepted, BatchPredictRequest, CancelRequested, ErrorResponse, Health, ModelList,
                                     StatsResponse)
 from producer_api.security.middleware import PUBLIC, ROUTE_SCOPES
 from producer_api.security.schemas import KeyCreated, KeyList, KeyRequest, KeyRevoked
 from shared.schemas import LoadJob, PredictJob, UnloadJob
 
 REF = "#/components/schemas/{model}"
-_JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Job id"}
+_JOB_ID = {"name": "id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN.pattern}$"},
+           "description": "Job id (the API's are UUIDs; a Celery producer may choose others of this form)"}
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
          "description": "Hold the request up to this many seconds for the job to end (200 with the document); "
@@ -43,7 +46,9 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
     ("post", "/v1/predict/batch", "Enqueue many predictions as one job", BatchPredictRequest,
      {200: JobDocument, 202: Accepted}, [_WAIT]),
     ("get", "/v1/jobs/{id}", "A job's document", None, {200: JobDocument}, [_JOB_ID, _WAIT]),
-    ("delete", "/v1/jobs/{id}", "Cancel a queued or running job", None, {200: JobDocument}, [_JOB_ID]),
+    ("delete", "/v1/jobs/{id}", "Cancel a job: a queued one at once (200, cancelled), a running one is asked to "
+     "stop between batch items (202, its document now with cancel_requested)", None,
+     {200: JobDocument, 202: CancelRequested}, [_JOB_ID]),
     ("get", "/v1/jobs/{id}/events", "WebSocket: the job's document now, then at each change until final",
      None, {101: "websocket"}, [_JOB_ID]),
     ("get", "/v1/models", "Models in the store, with the live workers holding each", None, {200: ModelList}, []),
@@ -59,9 +64,15 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
     ("get", "/docs", "A browsable listing of this document", None, {200: "text/html"}, []),
 ]
 _DESCRIPTIONS = {101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed body",
-                 401: "No valid API key", 403: "The key lacks the route's scope", 429: "Over the key's rate limit",
-                 404: "Unknown job, model or route", 409: "Job already final", 413: "Body too large",
-                 422: "Invalid input", 503: "Redis or the fleet unavailable", 500: "Internal error"}
+                 401: "No valid API key", 403: "The key lacks the route's scope",
+                 429: "Over the key's rate limit (or, on /events, its cap of open sockets)",
+                 404: "Unknown job (or another key's), model or route", 409: "Job already final",
+                 413: "Body too large (compressed, or once inflated)", 415: "Unsupported Content-Encoding",
+                 422: "Invalid input", 500: "Internal error",
+                 503: "Redis or the fleet unavailable (or, on /events, the API's cap of open sockets)"}
+#: The request body, whatever its schema.
+_BODY = ("JSON or msgpack, optionally compressed (`Content-Encoding: gzip` or `deflate`); at most "
+         "`API_MAX_BODY_BYTES`, compressed and once inflated.")
 
 
 def _response(status: int, target: Any, refs: dict[Any, Any]) -> dict[str, Any]:
@@ -92,12 +103,15 @@ def build_spec() -> dict[str, Any]:
             schema = refs[(request, "validation")]
             content = {"application/json": {"schema": schema}}
             content.update({t: {"schema": schema} for t in _MSGPACK})
-            op["requestBody"] = {"required": True, "content": content}
+            op["requestBody"] = {"required": True, "description": _BODY, "content": content}
         answered = {s: _response(s, t, refs) for s, t in responses.items()}
-        for status in ((400, 404, 413, 422, 503) if request is not None else (404,) if "{id}" in path else ()):
+        for status in ((400, 404, 413, 415, 422, 503) if request is not None
+                       else (404, 422) if "{id}" in path else ()):
             answered.setdefault(status, _response(status, ErrorResponse, refs))
         if method == "delete":
             answered[409] = _response(409, ErrorResponse, refs)
+        if path.endswith("/events"):
+            answered[503] = _response(503, ErrorResponse, refs)
         if (method.upper(), path) in PUBLIC:
             op["security"] = []
         else:

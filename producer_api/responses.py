@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from producer_api.jobdoc import JobDocument
 from shared.schemas import BatchPredictJob, JobErrorBody, PredictJob, ServingStats
 
 
@@ -27,6 +28,16 @@ class Accepted(BaseModel):
 def json_document(doc: BaseModel, status: int = 200) -> web.Response:
     """``doc`` as a JSON response, serialised by pydantic's core in one pass (no intermediate dicts)."""
     return web.Response(body=doc.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+class CancelRequested(JobDocument):
+    """What ``DELETE /v1/jobs/{id}`` answers (202) for a running job: its document now, and the request to stop.
+
+    Workers honour the request between batch items (a running single prediction finishes); the job's final
+    status is whatever its worker records, ``cancelled`` or not.
+    """
+
+    cancel_requested: bool = True
 
 
 class ErrorResponse(BaseModel):

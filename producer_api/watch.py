@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any, AsyncIterator
 
 import orjson
 
 from producer_api.jobdoc import JobDocument
-from producer_api.records import JobRecords
+from producer_api.records import JobRecords, check_job_id
+from producer_api.security.principal import Principal
+from shared.errors import JobNotFoundError
 from shared.jobs import FINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 RECHECK_S = 2.0
 #: Seconds to wait for Redis to confirm a subscription before answering 503.
 CONFIRM_TIMEOUT_S = 2.0
+#: Seconds between cancels of the reader task on close (see :meth:`JobChannels.close`).
+CLOSE_RETRY_S = 0.1
 #: What a watcher's queue receives when the connection was lost: re-read, something may have been missed.
 RESET = ("", b"")
 
@@ -53,10 +58,12 @@ class JobChannels:
             self._reader = asyncio.create_task(self._run(), name="job-channels")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        reader, self._reader = self._reader, None
+        # NOTE: cancelled until it has stopped: a cancel that lands while a message is being delivered can be
+        # swallowed inside the client's read (Python 3.11's asyncio.wait_for), and close must not hang on it.
+        while reader is not None and not reader.done():
+            reader.cancel()
+            await asyncio.wait({reader}, timeout=CLOSE_RETRY_S)
         await asyncio.gather(*self._unsubscribing, return_exceptions=True)
         await self._drop_connection()
 
@@ -194,16 +201,26 @@ def announces_final(channel: str, data: bytes | str) -> bool:
 
 
 class JobWatch:
-    """One job's subscription on the shared connection (an async context manager)."""
+    """One job's subscription on the shared connection (an async context manager), for one caller.
 
-    def __init__(self, channels: JobChannels, records: JobRecords, job_id: str) -> None:
+    The caller's right to see the job is checked once, by :meth:`current` (every watch starts with it, or with a
+    job the caller just enqueued); later reads only follow the same job.
+
+    NOTE: waits are deadlines checked in a loop, never ``asyncio.wait_for`` around a loop of its own: on Python
+    3.11 a ``wait_for`` whose inner wait completes in the same step as the outer timeout swallows the
+    cancellation, and ``?wait=1e-22`` then spun on the recheck timer forever.
+    """
+
+    def __init__(self, channels: JobChannels, records: JobRecords, job_id: str, principal: Principal) -> None:
         self.hub = channels
         self.records = records
         self.job_id = job_id
+        self.principal = principal
         self.channels = (records.keys.job_events(job_id),)
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def __aenter__(self) -> "JobWatch":
+        check_job_id(self.job_id)  # before subscribing: nothing is asked of Redis for an id that cannot exist
         await self.hub.add(self.channels, self.queue)
         return self
 
@@ -211,48 +228,67 @@ class JobWatch:
         self.hub.remove(self.channels, self.queue)
 
     async def current(self) -> JobDocument:
-        """The document now; :class:`JobNotFoundError` for an unknown job."""
-        return await self.records.require(self.job_id)
+        """The document now; :class:`JobNotFoundError` for an unknown job or one the caller does not own."""
+        return await self.records.require(self.job_id, self.principal)
 
-    async def _next(self, final_only: bool) -> None:
-        """Wait for the next event (the next final one when ``final_only``), at most RECHECK_S."""
+    async def _get(self, timeout: float) -> tuple[str, Any] | None:
+        """The next message on the queue within ``timeout`` seconds, else None (no cancellation involved)."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        if timeout <= 0:
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        try:
+            done, _ = await asyncio.wait((getter,), timeout=timeout)
+        finally:
+            # A getter cancelled before it ran leaves its message on the queue (asyncio.Queue.get's contract).
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if done else None
+
+    async def _next(self, final_only: bool, deadline: float) -> None:
+        """Wait for the next event (the next final one when ``final_only``), at most RECHECK_S and never past
+        ``deadline`` (the loop's clock)."""
+        loop = asyncio.get_running_loop()
+        until = min(deadline, loop.time() + RECHECK_S)
         while True:
-            try:
-                channel, data = await asyncio.wait_for(self.queue.get(), RECHECK_S)
-            except TimeoutError:
-                return
-            if not final_only or announces_final(channel, data):
+            message = await self._get(until - loop.time())
+            if message is None or not final_only or announces_final(*message):
                 return
 
-    async def changes(self, first: JobDocument, final_only: bool = False) -> AsyncIterator[JobDocument]:
-        """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last.
+    async def changes(self, first: JobDocument, final_only: bool = False,
+                      deadline: float = math.inf) -> AsyncIterator[JobDocument]:
+        """Each new document after ``first`` (duplicates skipped) until a final one, which is yielded last, or
+        until ``deadline`` (the loop's clock) has passed, the job being read once more at the deadline.
 
         With ``final_only``, intermediate messages (queued, running, progress) do not trigger a read.
+
+        Raises:
+            JobNotFoundError: the job's record (and result) expired meanwhile.
         """
+        loop = asyncio.get_running_loop()
         last = first
         while not last.final:
-            await self._next(final_only)
+            await self._next(final_only, deadline)
             doc = await self.records.document(self.job_id)
-            if doc is not None and doc != last:
+            if doc is None:
+                raise JobNotFoundError(f"job {self.job_id!r} expired while it was watched", field="job_id")
+            if doc != last:
                 last = doc
                 yield doc
+            if loop.time() >= deadline:
+                return
 
     async def until_final(self, timeout: float, first: JobDocument | None = None) -> tuple[JobDocument, bool]:
         """The final document within ``timeout`` s, else the latest one; and whether it was final at first.
 
-        ``first``: the document as the caller knows it (a job it just enqueued), saving the initial read.
+        ``first``: the document as the caller knows it (a job it just enqueued), saving the initial read. The
+        job is read again at the deadline, however short: the answer is never older than the wait.
         """
         doc = first or await self.current()
         if doc.final:
             return doc, True
-
-        async def _final() -> JobDocument:
-            latest = doc
-            async for latest in self.changes(doc, final_only=True):
-                pass
-            return latest
-
-        try:
-            return await asyncio.wait_for(_final(), timeout), False
-        except TimeoutError:
-            return await self.current(), False
+        latest = doc
+        async for latest in self.changes(doc, final_only=True, deadline=asyncio.get_running_loop().time() + timeout):
+            pass
+        return latest, False

@@ -5,13 +5,16 @@ running state, progress, timings and the worker id, and publishes every change o
 Celery's result backend keeps the result or the error; the API joins both into the job document.
 
 Record fields (all strings in one Redis hash): ``kind``, ``model_id``, ``adapter``, ``device``, ``queue``,
-``status`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``, ``started_at``,
-``finished_at`` (unix seconds), ``worker``, ``load_ms``, ``inference_ms``, ``progress_done``,
-``progress_total``, ``deliveries`` (how many times a worker took the job), ``error`` (JSON ``{type, message}``).
+``owner`` (the name of the API key that submitted the job), ``status`` (queued | running | succeeded | failed |
+cancelled), ``enqueued_at``, ``started_at``, ``finished_at`` (unix seconds), ``worker``, ``load_ms``,
+``inference_ms``, ``progress_done``, ``progress_total``, ``deliveries`` (how many times a worker took the job),
+``error`` (JSON ``{type, message}``). :data:`RECORD_FIELDS` lists them.
 
-One writer per field: the producer writes the first five and ``enqueued_at``; the worker's begin script
+One writer per field: the producer writes the first six and ``enqueued_at``; the worker's begin script
 (:mod:`workers.executor.begin`) ``running``, ``worker``, ``started_at`` and ``deliveries``; the worker's outcome
-writer the rest; the API only the ``cancelled`` status of a job it cancels while queued.
+writer the rest; the API only the ``cancelled`` state (status, ``finished_at``, ``error``) of a job it cancels
+while queued, which the begin script then treats as ended. A job without ``owner`` (sent by a plain Celery
+producer) is visible to admin keys only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from typing import Any
 from shared.keys import Keys
 
 JOB_KINDS = ("load", "predict", "batch_predict", "unload")
+#: Every field of a job record, producer's first (see the module docstring for who writes which).
+RECORD_FIELDS = ("kind", "model_id", "adapter", "device", "queue", "owner", "status", "enqueued_at", "started_at",
+                 "finished_at", "worker", "load_ms", "inference_ms", "progress_done", "progress_total",
+                 "deliveries", "error")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 

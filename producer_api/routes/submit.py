@@ -13,6 +13,7 @@ from producer_api.context import ctx
 from producer_api.enqueue import ROW_FIELDS, parse_job, submit
 from producer_api.jobdoc import JobDocument
 from producer_api.responses import Accepted, json_document
+from producer_api.security.principal import principal_of
 from producer_api.watch import JobWatch
 
 routes = web.RouteTableDef()
@@ -20,16 +21,16 @@ routes = web.RouteTableDef()
 
 async def enqueue(request: web.Request, kind: str) -> web.Response:
     """Validate, enqueue and optionally wait for one ``kind`` job."""
-    c = ctx(request)
+    c, principal = ctx(request), principal_of(request)
     wait = wait_param(request)  # before enqueueing: a bad ?wait must not leave a job behind
     job = parse_job(c, kind, await read_body(request, row_field=ROW_FIELDS.get(kind)))
     if wait is None:
-        job_id, _ = await submit(c, kind, job)
+        job_id, _ = await submit(c, kind, job, principal)
         return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
     job_id = str(uuid.uuid4())
     # Subscribed (and confirmed) before the job exists: its end cannot slip by unseen.
-    async with JobWatch(c.channels, c.records, job_id) as watch:
-        _, enqueued_at = await submit(c, kind, job, job_id)
+    async with JobWatch(c.channels, c.records, job_id, principal) as watch:
+        _, enqueued_at = await submit(c, kind, job, principal, job_id)
         queued = JobDocument(job_id=job_id, kind=kind, status="queued")
         doc, _ = await watch.until_final(wait, first=queued)
     if doc.final:

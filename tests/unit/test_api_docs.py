@@ -58,3 +58,20 @@ def test_the_api_never_imports_torch_or_workers():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_the_docs_say_what_the_bounds_and_the_cancel_answer(client):
+    spec = await (await client.get("/openapi.json")).json()
+    cancel = spec["paths"]["/v1/jobs/{id}"]["delete"]["responses"]
+    assert cancel["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CancelRequested"}
+    assert cancel["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobDocument"}
+    assert spec["components"]["schemas"]["CancelRequested"]["properties"]["cancel_requested"]["default"] is True
+    assert "owner" not in spec["components"]["schemas"]["JobDocument"]["properties"]
+    events = spec["paths"]["/v1/jobs/{id}/events"]["get"]
+    assert {"404", "422", "429", "503"} <= set(events["responses"])
+    assert events["parameters"][0]["schema"]["pattern"] == "^[A-Za-z0-9._:-]{1,128}$"
+    predict = spec["paths"]["/v1/predict"]["post"]
+    assert {"413", "415", "422"} <= set(predict["responses"])
+    assert "gzip" in predict["requestBody"]["description"]
+    row = spec["components"]["schemas"]["PredictInputs"]["properties"]["series"]["anyOf"][0]["items"]
+    assert row["maxItems"] == 256

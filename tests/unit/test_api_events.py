@@ -1,4 +1,5 @@
-"""The job events WebSocket: current state first, each change, close after the final one."""
+"""The job events WebSocket: current state first, each change, close after the final one; caps per key and
+overall, a longest life, and a close when the job's record expires."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from producer_api import watch
-
-from tests.unit.test_api_helpers import (aredis, celery, client, enqueue, recorder, server,  # noqa: F401
-                                         settings, sredis, store_result)
+from producer_api.app import create_app
+from tests.unit.test_api_helpers import (KEYS, PREDICT, aredis, celery, client, enqueue, make_key,  # noqa: F401
+                                         make_store, recorder, server, settings, settings_for, sredis, store_result)
 
 
 async def _next(ws: aiohttp.ClientWebSocketResponse) -> dict:
@@ -69,3 +71,62 @@ async def test_client_leaving_early_ends_the_stream(client, monkeypatch):
             break
         await asyncio.sleep(0.01)
     assert closed == [job_id]
+
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@pytest.fixture
+async def capped(aiohttp_client, tmp_path, aredis, celery):
+    """An app with small socket caps (2 per key, 3 in all) and sockets that live 0.3 s."""
+    settings = settings_for(make_store(tmp_path / "store"), api_max_websockets=3, api_max_websockets_per_key=2,
+                            api_websocket_max_seconds=0.3)
+    return await aiohttp_client(create_app(settings, redis=aredis, celery_app=celery))
+
+
+async def _key(aredis, name: str) -> dict[str, str]:
+    return {"X-API-Key": await make_key(aredis, name, ("submit", "read"))}
+
+
+async def test_sockets_are_capped_per_key_and_overall_before_the_upgrade(capped, aredis):
+    alice, bob = await _key(aredis, "alice"), await _key(aredis, "bob")
+    job_id = (await (await capped.post("/v1/predict", json=PREDICT, headers=alice)).json())["job_id"]
+    bob_job = (await (await capped.post("/v1/predict", json=PREDICT, headers=bob)).json())["job_id"]
+    async with capped.ws_connect(f"/v1/jobs/{job_id}/events", headers=alice) as a1, \
+            capped.ws_connect(f"/v1/jobs/{job_id}/events", headers=alice) as a2:
+        await _next(a1), await _next(a2)
+        resp = await capped.get(f"/v1/jobs/{job_id}/events", headers={**UPGRADE, **alice})
+        error = (await resp.json())["error"]
+        assert resp.status == 429 and error["type"] == "TooManySocketsError" and error["retryable"] is True
+        async with capped.ws_connect(f"/v1/jobs/{bob_job}/events", headers=bob) as b1:
+            await _next(b1)
+            resp = await capped.get(f"/v1/jobs/{bob_job}/events", headers={**UPGRADE, **bob})
+            error = (await resp.json())["error"]
+            assert resp.status == 503 and error["type"] == "SocketsExhaustedError"
+    # closed sockets give their slots back
+    async with capped.ws_connect(f"/v1/jobs/{job_id}/events", headers=alice) as again:
+        assert (await _next(again))["status"] == "queued"
+
+
+async def test_a_socket_is_closed_after_its_max_seconds(capped, aredis):
+    alice = await _key(aredis, "alice")
+    job_id = (await (await capped.post("/v1/predict", json=PREDICT, headers=alice)).json())["job_id"]
+    started = time.perf_counter()
+    async with capped.ws_connect(f"/v1/jobs/{job_id}/events", headers=alice) as ws:
+        assert (await _next(ws))["status"] == "queued"
+        closing = await asyncio.wait_for(ws.receive(), 2)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+    assert 0.3 <= time.perf_counter() - started < 1.5
+
+
+async def test_a_socket_is_closed_when_its_jobs_record_expires(client, sredis, monkeypatch):
+    monkeypatch.setattr(watch, "RECHECK_S", 0.05)  # the re-read that notices: no event announces an expiry
+    job_id = await enqueue(client)
+    async with client.ws_connect(f"/v1/jobs/{job_id}/events") as ws:
+        assert (await _next(ws))["status"] == "queued"
+        sredis.delete(KEYS.job(job_id))  # as its TTL would
+        closing = await asyncio.wait_for(ws.receive(), 2)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY

@@ -6,6 +6,7 @@ import pytest
 
 from producer_api.jobdoc import build_document, decode_meta
 from producer_api.records import JobRecords
+from shared.jobs import RECORD_FIELDS
 from tests.unit.test_api_helpers import KEYS, aredis, failure, server, sredis  # noqa: F401
 
 
@@ -63,10 +64,12 @@ def test_unreadable_meta_is_ignored():
 
 async def test_api_record_has_the_fields_the_workers_write(aredis, sredis):
     pipe = aredis.pipeline(transaction=True)
-    JobRecords(aredis, KEYS, 60).enqueued(pipe, "a", "predict", "M", "simple", "cpu", "infer.simple.cpu", 1.5)
+    JobRecords(aredis, KEYS, 60).enqueued(pipe, "a", "predict", "M", "simple", "cpu", "infer.simple.cpu", 1.5,
+                                          owner="alice")
     await pipe.execute()
     # the producer's fields, as shared.jobs documents them (the workers' writers add the others)
-    assert sredis.hgetall(KEYS.job("a")) == {b"kind": b"predict", b"model_id": b"M", b"adapter": b"simple",
-                                            b"device": b"cpu", b"queue": b"infer.simple.cpu", b"status": b"queued",
-                                            b"enqueued_at": b"1.5"}
+    record = sredis.hgetall(KEYS.job("a"))
+    assert record == {b"kind": b"predict", b"model_id": b"M", b"adapter": b"simple", b"device": b"cpu",
+                      b"queue": b"infer.simple.cpu", b"owner": b"alice", b"status": b"queued", b"enqueued_at": b"1.5"}
+    assert {k.decode() for k in record} <= set(RECORD_FIELDS)
     assert 0 < sredis.ttl(KEYS.job("a")) <= 60

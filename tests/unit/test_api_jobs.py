@@ -1,4 +1,4 @@
-"""Job documents (GET, with and without ?wait) and cancellation (DELETE)."""
+"""Job documents (GET, with and without ?wait), cancellation (DELETE) and job id formats."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 import pytest
 
 from shared.jobs import event_message
-from tests.unit.test_api_helpers import (KEYS, aredis, celery, client, enqueue, failure, recorder,  # noqa: F401
-                                         server, settings, sredis, store_result)
+from shared.keys import Keys
+from tests.unit.test_api_helpers import (KEYS, PREDICT, aredis, celery, client, enqueue, failure,  # noqa: F401
+                                         recorder, server, settings, sredis, store_result)
 
 
 async def test_queued_job_document(client):
@@ -97,19 +98,74 @@ async def test_get_wait_on_a_running_job_answers_its_state_after_the_wait(client
 async def test_cancel_a_queued_job(client, celery, sredis):
     job_id = await enqueue(client)
     pubsub = sredis.pubsub()
-    pubsub.subscribe(KEYS.job_events(job_id))
+    pubsub.subscribe(KEYS.job_events(job_id), Keys.celery_result(job_id))
     resp = await client.delete(f"/v1/jobs/{job_id}")
     assert resp.status == 200
     doc = await resp.json()
     assert doc["status"] == "cancelled" and doc["error"]["type"] == "JobCancelledError"
-    assert doc["timings"]["total_ms"] is not None
+    assert doc["timings"]["total_ms"] is not None and "cancel_requested" not in doc
     assert sredis.exists(KEYS.job_cancelled(job_id)) and celery.revoked == [job_id]
-    messages = [pubsub.get_message(timeout=0.1) for _ in range(2)]
-    events = [json.loads(m["data"]) for m in messages if m and m["type"] == "message"]
-    assert [e["status"] for e in events] == ["cancelled"]
-    # Once cancelled, it is final.
+    assert sredis.hget(KEYS.job(job_id), "status") == b"cancelled"
+    # Celery's result too, as its Redis backend stores a failure: a plain Celery client waiting on it gets it
+    meta = json.loads(sredis.get(Keys.celery_result(job_id)))
+    assert meta["status"] == "FAILURE" and meta["task_id"] == job_id and meta["date_done"]
+    assert meta["result"] == {"exc_type": "JobCancelledError", "exc_message": ["the job was cancelled by a client"],
+                              "exc_module": "shared.errors"}
+    messages = [pubsub.get_message(timeout=0.1) for _ in range(4)]
+    published = [(m["channel"].decode(), json.loads(m["data"])) for m in messages if m and m["type"] == "message"]
+    assert [(ch, body["status"]) for ch, body in published] == [
+        (Keys.celery_result(job_id), "FAILURE"), (KEYS.job_events(job_id), "cancelled")]
+    # Once cancelled, it is final: a second cancel is a 409 and changes nothing.
+    before = (sredis.hgetall(KEYS.job(job_id)), sredis.get(Keys.celery_result(job_id)))
     resp = await client.delete(f"/v1/jobs/{job_id}")
     assert resp.status == 409 and (await resp.json())["error"]["type"] == "JobFinishedError"
+    assert (sredis.hgetall(KEYS.job(job_id)), sredis.get(Keys.celery_result(job_id))) == before
+    assert pubsub.get_message(timeout=0.05) is None and celery.revoked == [job_id]
+
+
+async def test_cancel_a_running_job_asks_it_to_stop_and_its_worker_decides(client, celery, recorder, sredis):
+    job_id = await enqueue(client)
+    recorder.running(job_id, "w|1", time.time())
+    pubsub = sredis.pubsub()
+    pubsub.subscribe(KEYS.job_events(job_id))
+    resp = await client.delete(f"/v1/jobs/{job_id}")
+    assert resp.status == 202
+    doc = await resp.json()
+    assert doc["status"] == "running" and doc["cancel_requested"] is True and doc["error"] is None
+    assert sredis.exists(KEYS.job_cancelled(job_id))  # what workers honour, between batch items
+    assert sredis.hget(KEYS.job(job_id), "status") == b"running" and not sredis.exists(Keys.celery_result(job_id))
+    assert pubsub.get_message(timeout=0.05)["type"] == "subscribe" and pubsub.get_message(timeout=0.05) is None
+    assert celery.revoked == []  # a revoke would not stop it; it only spares queued messages a trip
+    # the worker finishes it anyway (a single predict is never interrupted): it succeeded, and stays so
+    store_result(sredis, job_id, "SUCCESS", {"predictions": [[1.0]]})
+    doc = await (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert doc["status"] == "succeeded" and doc["error"] is None
+    assert (await client.delete(f"/v1/jobs/{job_id}")).status == 409
+    # a running batch stopped between items by its worker ends cancelled
+    batch = await enqueue(client, {"requests": [PREDICT] * 2}, "/v1/predict/batch")
+    recorder.running(batch, "w|1", time.time(), total=2)
+    assert (await client.delete(f"/v1/jobs/{batch}")).status == 202
+    store_result(sredis, batch, "FAILURE", failure("JobCancelledError", "cancelled after 1 of 2 items"))
+    assert (await (await client.get(f"/v1/jobs/{batch}")).json())["status"] == "cancelled"
+
+
+async def test_a_worker_beginning_the_job_during_the_cancel_makes_it_a_cancel_request(client, aredis, sredis,
+                                                                                      recorder, monkeypatch):
+    """The queued -> cancelled write is WATCHed: a job that a worker marked running in between is not flipped."""
+    job_id = await enqueue(client)
+    original = type(aredis.pipeline()).multi
+    raced = []
+
+    def multi(pipe):
+        if not raced:  # the worker's begin script lands between the API's read and its MULTI
+            raced.append(1)
+            recorder.running(job_id, "w|1", time.time())
+        return original(pipe)
+
+    monkeypatch.setattr(type(aredis.pipeline()), "multi", multi)
+    resp = await client.delete(f"/v1/jobs/{job_id}")
+    assert resp.status == 202 and (await resp.json())["status"] == "running"
+    assert sredis.hget(KEYS.job(job_id), "status") == b"running" and sredis.exists(KEYS.job_cancelled(job_id))
 
 
 async def test_cancel_survives_a_failing_revoke(client, celery, sredis):
@@ -122,11 +178,32 @@ async def test_cancel_survives_a_failing_revoke(client, celery, sredis):
     assert resp.status == 200 and sredis.exists(KEYS.job_cancelled(job_id))
 
 
-async def test_cancel_a_finished_job_is_409_and_unknown_is_404(client, sredis):
+async def test_cancel_a_finished_job_is_409_and_changes_nothing_and_unknown_is_404(client, celery, sredis):
     job_id = await enqueue(client)
     store_result(sredis, job_id, "SUCCESS", {})
-    assert (await client.delete(f"/v1/jobs/{job_id}")).status == 409
+    before = sredis.hgetall(KEYS.job(job_id))
+    resp = await client.delete(f"/v1/jobs/{job_id}")
+    assert resp.status == 409 and (await resp.json())["error"]["field"] == "job_id"
+    assert sredis.hgetall(KEYS.job(job_id)) == before and not sredis.exists(KEYS.job_cancelled(job_id))
+    assert celery.revoked == []
     assert (await client.delete("/v1/jobs/unknown")).status == 404
+
+
+@pytest.mark.parametrize("job_id", ["a" * 129, "a%20b", "semi;colon", "%2e%2e%2fetc", "quote%22", "tab%09",
+                                    "%C3%A9t%C3%A9", "new%0Aline"])
+async def test_ids_that_cannot_be_job_ids_are_422_naming_job_id(client, job_id):
+    for method, path in (("get", f"/v1/jobs/{job_id}"), ("get", f"/v1/jobs/{job_id}?wait=1"),
+                         ("delete", f"/v1/jobs/{job_id}"), ("get", f"/v1/jobs/{job_id}/events")):
+        resp = await getattr(client, method)(path)
+        error = (await resp.json())["error"]
+        assert resp.status == 422 and error["field"] == "job_id", (method, path, error)
+
+
+@pytest.mark.parametrize("job_id", ["3f2c1b9e-8a8f-4a5e-9d7c-0123456789ab", "a", "a" * 128,
+                                    "celery:task.1-A_b", "report.2026-12-01"])
+async def test_uuids_and_safe_ids_are_job_ids(client, job_id):
+    resp = await client.get(f"/v1/jobs/{job_id}")
+    assert resp.status == 404 and (await resp.json())["error"]["type"] == "JobNotFoundError"
 
 
 async def test_record_event_alone_wakes_a_wait(client, aredis):

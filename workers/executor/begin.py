@@ -1,7 +1,8 @@
 """Marking jobs running: the one writer of a record's ``running`` state, for both engines.
 
 One Lua function does it per job, atomically: it reads whether the job already ended (a message delivered again
-after its result was stored), counts the delivery, reads the cancel flag, and marks the job running with the
+after its result was stored, or a job the API cancelled while it was queued: its record and result say so
+already, and are not rewritten), counts the delivery, reads the cancel flag, and marks the job running with the
 ``running`` event. The batching engine's fetch script embeds the same function (:data:`BEGIN_LUA`) so that a
 batch is fetched and begun in one round trip; the Celery engine calls :class:`BeginScript` per job.
 """
@@ -19,10 +20,12 @@ BEGIN_LUA = """
 local function begin(id, now, c)
   local key = c[3] .. id
   local status = redis.call('HGET', key, 'status')
-  if status == 'succeeded' or status == 'failed' or status == 'expired' then return {0, 0, 1} end
+  if status == 'succeeded' or status == 'failed' or status == 'expired' or status == 'cancelled' then
+    return {0, 0, 1}
+  end
   local n = redis.call('HINCRBY', key, 'deliveries', 1)
   redis.call('EXPIRE', key, c[2])
-  if redis.call('EXISTS', c[5] .. id) == 1 or status == 'cancelled' then return {1, n, 0} end
+  if redis.call('EXISTS', c[5] .. id) == 1 then return {1, n, 0} end
   redis.call('HSET', key, 'status', 'running', 'worker', c[1], 'started_at', now)
   redis.call('PUBLISH', c[4] .. id, '{"job_id":' .. cjson.encode(id) .. ',"status":"running","ts":' .. now .. '}')
   return {0, n, 0}
