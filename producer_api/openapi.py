@@ -18,6 +18,7 @@ from producer_api.jobdoc import JobDocument
 from producer_api.records import JOB_ID_PATTERN
 from producer_api.responses import (Accepted, BatchPredictRequest, CancelRequested, ErrorResponse, Health, ModelList,
                                     StatsResponse)
+from producer_api.deadletters import DeadLetterList, RequeueRequest
 from producer_api.security.middleware import PUBLIC, ROUTE_SCOPES
 from producer_api.security.schemas import KeyCreated, KeyList, KeyRequest, KeyRevoked
 from shared.schemas import LoadJob, PredictJob, UnloadJob
@@ -31,6 +32,10 @@ _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "Hold the request up to this many seconds for the job to end (200 with the document); "
                         "202 with the job id when it does not."}
 _KEY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Key name"}
+_DL_QUEUE = {"name": "queue", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "One pool queue (infer.<adapter>.<device>); every pool's by default"}
+_DL_LIMIT = {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
 _MSGPACK = ("application/msgpack",)
 #: How a key is sent: either header works on every route that needs one.
 _SECURITY_SCHEMES = {
@@ -56,6 +61,10 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
     ("post", "/v1/keys", "Make an API key (its secret is in this answer only)", KeyRequest, {201: KeyCreated}, []),
     ("get", "/v1/keys", "Every API key (never their secrets)", None, {200: KeyList}, []),
     ("delete", "/v1/keys/{name}", "Revoke an API key", None, {200: KeyRevoked}, [_KEY_NAME]),
+    ("get", "/v1/dead-letters", "Poison jobs and quarantined messages, newest first", None, {200: DeadLetterList},
+     [_DL_QUEUE, _DL_LIMIT]),
+    ("post", "/v1/dead-letters", "Requeue a poison job (as new: delivery count 0)", RequeueRequest, {202: Accepted},
+     []),
     ("get", "/healthz", "Liveness of this API process", None, {200: Health}, []),
     ("get", "/readyz", "Readiness: Redis reachable and a live worker per configured pool", None,
      {200: Health, 503: ErrorResponse}, []),

@@ -94,8 +94,9 @@ class JobTimeoutError(FleetError):
     http_status = 504
 
 
-class DeliveryLimitExceededError(FleetError):
-    """The job was delivered ``JOB_MAX_DELIVERIES`` times and never finished (each run killed its process)."""
+class PoisonJobError(FleetError):
+    """The job was delivered ``JOB_MAX_DELIVERIES`` times and never finished (each run killed its process, or ran
+    past its time limit); its message went to its pool's dead-letter list."""
 
     http_status = 500
 

@@ -15,6 +15,8 @@ WORKER_HEARTBEAT_INTERVAL_S = 5
 #: Seconds a model's stats hash (and the set that lists it) lives after its last write: the stats of a model
 #: removed from the store, or no longer served, expire instead of being listed forever.
 MODEL_STATS_TTL_S = 7 * 24 * 3600
+#: Dead letters kept per pool queue (the oldest are dropped past it): bounded, like everything a client can grow.
+DEAD_LETTERS_MAX = 10_000
 #: Latency histogram bucket upper bounds, in milliseconds (Prometheus ``le`` labels; +Inf is implicit).
 LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 #: Celery's result key prefix (redis backend).
@@ -77,6 +79,11 @@ class Keys:
         the visibility timeout.
         """
         return f"{self.prefix}:worker-deliveries:{worker_id}"
+
+    def dead_letters(self, queue: str) -> str:
+        """List: the dead letters of one pool queue, oldest first (JSON entries, see ``workers.executor.deadletters``;
+        at most :data:`DEAD_LETTERS_MAX` are kept)."""
+        return f"{self.prefix}:dead-letters:{queue}"
 
     def delivery_holders(self) -> str:
         """Set: ids of the processes that hold deliveries (``Keys.worker_deliveries``): what the reaper checks."""

@@ -175,7 +175,7 @@ class FleetSettings(BaseSettings):
     visibility timeout are sized from it."""
     job_max_deliveries: int = Field(3, ge=1)
     """A job delivered this many times without finishing (its process died each time) fails with
-    ``DeliveryLimitExceededError`` instead of looping."""
+    ``PoisonJobError`` instead of looping."""
     worker_engine: Literal["batching", "celery"] = "batching"
     """Engine of ``fleet worker``: ``batching`` (batches per fetch, the fastest) or ``celery`` (Celery's prefork)."""
     worker_lost_after_seconds: float = Field(30, gt=0)

@@ -77,6 +77,7 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
     from workers.executor.begin import BeginScript
     from workers.executor.executor import JobExecutor
     from workers.executor.handlers import Handlers
+    from workers.executor import deadletters
     from workers.executor.outcomes import outcome_writer
     from workers.executor.policies import TimeLimit, default_policies
     from workers.heartbeat import Heartbeat
@@ -93,7 +94,8 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
     handlers = Handlers(pool, outcomes, cancelled=lambda job_id: bool(redis.exists(keys.job_cancelled(job_id))),
                         models_changed=heartbeat.publish)
     executor = JobExecutor(handlers, outcomes, BeginScript(redis, keys, me, settings.result_ttl_seconds),
-                           default_policies(settings.job_max_deliveries),
+                           default_policies(settings.job_max_deliveries,
+                                            lambda job_id: deadletters.last_failure(redis, keys, job_id)),
                            TimeLimit(settings.job_time_limit_seconds, arm_soft=arm_soft_limit))
     return ProcessContext(settings, me, redis, keys, pool, heartbeat, executor)
 

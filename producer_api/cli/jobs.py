@@ -164,6 +164,30 @@ def jobs_cancel(job_id: str, api: str | None) -> None:
     console.print(f"job {job_id}: {doc.get('status')}")
 
 
+@jobs.command("dead-letters")
+@click.option("--requeue", "requeue_id", default=None, metavar="JOB_ID",
+              help="Requeue this poison job (as new) instead of listing.")
+@click.option("--queue", default=None, help="One pool queue (infer.<adapter>.<device>); all by default.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--api", default=None)
+def jobs_dead_letters(requeue_id: str | None, queue: str | None, limit: int, api: str | None) -> None:
+    """Poison jobs and quarantined messages (admin key), or requeue one with --requeue."""
+    base = _api_url(api)
+    if requeue_id:
+        doc = _call("POST", f"{base}/v1/dead-letters", {"job_id": requeue_id})
+        console.print(f"job {requeue_id} requeued: {doc['status_url']}", highlight=False)
+        return
+    query = f"?limit={limit}" + (f"&queue={queue}" if queue else "")
+    found = _call("GET", f"{base}/v1/dead-letters{query}")["dead_letters"]
+    table = Table("job", "task", "queue", "reason", "deliveries", "error", title=f"{len(found)} dead letter(s)")
+    for letter in found:
+        error = letter.get("error") or {}
+        table.add_row(letter.get("job_id") or "-", letter.get("task") or "-", letter.get("queue") or "-",
+                      letter["reason"], str(letter.get("deliveries", "")),
+                      f"{error.get('type', '')}: {error.get('message', '')}"[:160])
+    console.print(table)
+
+
 @click.command()
 @click.option("--api", default=None)
 @click.option("--json", "as_json", is_flag=True)

@@ -35,6 +35,8 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/keys"): "admin",
     ("GET", "/v1/keys"): "admin",
     ("DELETE", "/v1/keys/{name}"): "admin",
+    ("GET", "/v1/dead-letters"): "admin",
+    ("POST", "/v1/dead-letters"): "admin",
     ("GET", "/metrics"): "metrics",
 }
 

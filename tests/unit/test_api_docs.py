@@ -18,7 +18,7 @@ async def test_openapi_is_valid_and_covers_every_route(client):
     assert spec["openapi"].startswith("3.1")
     expected = {"/v1/models/load", "/v1/models/unload", "/v1/predict", "/v1/predict/batch", "/v1/jobs/{id}",
                 "/v1/jobs/{id}/events", "/v1/models", "/v1/stats", "/healthz", "/readyz", "/metrics",
-                "/openapi.json", "/docs", "/v1/keys", "/v1/keys/{name}"}
+                "/openapi.json", "/docs", "/v1/keys", "/v1/keys/{name}", "/v1/dead-letters"}
     assert expected == set(spec["paths"])
     # every route but the probes and the docs names how a key is sent, and answers 401 / 403 / 429
     assert set(spec["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}

@@ -12,7 +12,7 @@ import pytest
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared import tasks
-from shared.errors import DeadlineExceededError, DeliveryLimitExceededError, JobCancelledError, JobTimeoutError
+from shared.errors import DeadlineExceededError, PoisonJobError, JobCancelledError, JobTimeoutError
 from shared.schemas import LoadJob, PredictJob
 from shared.settings import soft_time_limit
 from workers.executor.delivery import Begun, Delivery
@@ -64,7 +64,7 @@ def test_deliveries_up_to_the_max_may_run(deliveries: int) -> None:
 @pytest.mark.parametrize("deliveries", [4, 50])
 def test_a_delivery_above_the_max_fails_typed_naming_the_job(deliveries: int) -> None:
     verdict = DeliveryLimit(3).check(delivery(), predict_job(), begun(deliveries=deliveries))
-    assert isinstance(verdict, DeliveryLimitExceededError)
+    assert isinstance(verdict, PoisonJobError)
     assert JOB_ID in verdict.message and str(deliveries) in verdict.message and "=3" in verdict.message
 
 
@@ -125,7 +125,7 @@ def test_the_delivery_limit_comes_before_cancel_and_deadline() -> None:
     late = predict_job(deadline_s=1, enqueued_at=NOW - 100)
     policies = default_policies(3)
     assert isinstance(verdict_of(policies, delivery(), late, begun(deliveries=4, cancelled=True)),
-                      DeliveryLimitExceededError)
+                      PoisonJobError)
     assert isinstance(verdict_of(policies, delivery(), late, begun(deliveries=3, cancelled=True)), JobCancelledError)
     assert isinstance(verdict_of(policies, delivery(), late, begun(deliveries=3)), DeadlineExceededError)
     assert verdict_of(policies, delivery(), predict_job(), begun(deliveries=3)) is None

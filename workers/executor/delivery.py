@@ -19,6 +19,10 @@ class Delivery:
     """The broker's delivery tag, for engines that acknowledge themselves (the batching engine)."""
     refused: FleetError | None = None
     """Set when the message itself could not be read (pickle, say): the job fails with it, unrun."""
+    queue: str | None = None
+    """The pool queue it came from (dead letters are kept per pool)."""
+    raw: bytes | None = None
+    """The message as it arrived, kept only for one that could not be read (it is quarantined raw)."""
 
 
 @dataclass(frozen=True)

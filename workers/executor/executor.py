@@ -16,7 +16,8 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
 from shared import tasks as names
-from shared.errors import FleetError, InvalidInputError, as_fleet_error
+from shared.errors import FleetError, InvalidInputError, PoisonJobError, as_fleet_error
+from workers.executor import deadletters
 from workers.executor.begin import BeginScript
 from workers.executor.delivery import Begun, Delivery
 from workers.executor.handlers import SCHEMAS, Handlers
@@ -60,6 +61,7 @@ class JobExecutor:
                 others.append((i, job))
         finished = [FinishedJob(deliveries[i].job_id, None, o) for i, o in enumerate(outcomes)
                     if isinstance(o, FleetError)]
+        letters = self._dead_letters(deliveries, begun, outcomes)
         if predicts:
             items = [(deliveries[i].job_id, job) for i, job in predicts]
             ran = self._guarded(lambda: self.handlers.predict(items), [job_id for job_id, _ in items])
@@ -68,8 +70,15 @@ class JobExecutor:
             finished += ran
         # NOTE: the batch's quick outcomes (and acks) go first, in one MULTI: they must not wait on a long job.
         now_done = [d for d, o in zip(deliveries, outcomes) if o is not None]
+
+        def ack_and_bury(pipe: Any) -> None:
+            if ack and now_done:
+                ack(pipe, now_done)
+            for queue, letter in letters:
+                deadletters.push(pipe, self.outcomes.recorder.keys, queue, letter)
+
         self.outcomes.finish(finished, self.handlers.pool.cache_deltas(),
-                             (lambda pipe: ack(pipe, now_done)) if ack and now_done else None)
+                             ack_and_bury if (ack and now_done) or letters else None)
         for i, job in others:
             delivery = deliveries[i]
             (done,) = self._guarded(lambda: [self.handlers.table[delivery.task](delivery.job_id, job)],
@@ -78,6 +87,22 @@ class JobExecutor:
             self.outcomes.finish([done], self.handlers.pool.cache_deltas(),
                                  (lambda pipe: ack(pipe, [delivery])) if ack else None)
         return outcomes  # type: ignore[return-value]  (every entry is set by now)
+
+    @staticmethod
+    def _dead_letters(deliveries: Sequence[Delivery], begun: Sequence[Begun],
+                      outcomes: Sequence[Outcome | None]) -> list[tuple[str, bytes]]:
+        """``(queue, entry)`` of each poison job and each unreadable message: they go to their pool's dead letters
+        in the MULTI that fails and acknowledges them."""
+        found = []
+        for delivery, started, outcome in zip(deliveries, begun, outcomes):
+            if delivery.queue is None or not isinstance(outcome, FleetError):
+                continue
+            if isinstance(outcome, PoisonJobError):
+                found.append((delivery.queue, deadletters.entry(delivery, outcome, started.deliveries, "poison")))
+            elif delivery.refused is not None:
+                found.append((delivery.queue, deadletters.entry(delivery, outcome, started.deliveries,
+                                                                "unreadable")))
+        return found
 
     def _admit(self, delivery: Delivery, begun: Begun) -> tuple[Outcome | None, Any]:
         """Parse the job and apply the policies: ``(verdict, job)``, the verdict None when the job may run."""

@@ -11,11 +11,11 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from shared.errors import (DeadlineExceededError, DeliveryLimitExceededError, FleetError, JobCancelledError,
+from shared.errors import (DeadlineExceededError, PoisonJobError, FleetError, JobCancelledError,
                            JobTimeoutError)
 from shared.settings import soft_time_limit
 from workers.executor.delivery import Begun, Delivery
@@ -47,16 +47,26 @@ class AlreadyFinished(Policy):
 
 
 class DeliveryLimit(Policy):
-    """A job whose every run killed its process (OOM, a native crash) fails instead of coming back forever."""
+    """A job whose every run killed its process (OOM, a native crash) fails instead of coming back forever; the
+    executor dead-letters its message.
 
-    def __init__(self, max_deliveries: int) -> None:
+    Args:
+        max_deliveries: ``JOB_MAX_DELIVERIES``.
+        last_failure: Job id -> what ended its last run, as the engine recorded it ("killed by signal 9 in
+            <worker>"), or None; looked up only for a job past the limit.
+    """
+
+    def __init__(self, max_deliveries: int, last_failure: Callable[[str], str | None] | None = None) -> None:
         self.max_deliveries = max_deliveries
+        self.last_failure = last_failure
 
     def check(self, delivery: Delivery, job: Any, begun: Begun) -> Verdict:
         if begun.deliveries > self.max_deliveries:
-            return DeliveryLimitExceededError(
+            cause = self.last_failure(delivery.job_id) if self.last_failure else None
+            return PoisonJobError(
                 f"job {delivery.job_id} was delivered {begun.deliveries} times and never finished "
-                f"(JOB_MAX_DELIVERIES={self.max_deliveries}); it is not run again")
+                f"(JOB_MAX_DELIVERIES={self.max_deliveries}); last run: {cause or 'unknown'}; "
+                "it is not run again and its message is in its pool's dead letters")
         return None
 
 
@@ -79,9 +89,9 @@ class Deadline(Policy):
         return None
 
 
-def default_policies(max_deliveries: int) -> list[Policy]:
+def default_policies(max_deliveries: int, last_failure: Callable[[str], str | None] | None = None) -> list[Policy]:
     """The order matters: a duplicate is skipped before it counts against the limit, the rest fail typed."""
-    return [AlreadyFinished(), DeliveryLimit(max_deliveries), Cancelled(), Deadline()]
+    return [AlreadyFinished(), DeliveryLimit(max_deliveries, last_failure), Cancelled(), Deadline()]
 
 
 class TimeLimit:

@@ -20,6 +20,7 @@ from shared.errors import InvalidInputError, as_fleet_error
 from shared.tasks import PREDICT
 from workers.engines.batching.fetch import BatchFetcher, Fetched
 from workers.engines.batching.redelivery import Redelivery, ack
+from workers.executor import deadletters
 from workers.executor.delivery import Begun, Delivery
 from workers.executor.policies import Skip
 from workers.process import ProcessContext
@@ -34,6 +35,7 @@ class Consumer:
     def __init__(self, context: ProcessContext, queue: str, events: Any = None, slot: Any = None,
                  stop: threading.Event | None = None) -> None:
         self.context = context
+        self.queue = queue
         self.redis = context.redis
         settings = context.settings
         self.keys = context.keys
@@ -56,33 +58,42 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def decode(self, batch: Fetched) -> tuple[list[Delivery], list[Begun]]:
-        """Messages -> deliveries; an unreadable one is refused (its job fails typed when its id is known)."""
-        deliveries, begun = [], []
+    def decode(self, batch: Fetched) -> tuple[list[Delivery], list[Begun], list[bytes]]:
+        """Messages -> deliveries; an unreadable one is refused (its job fails typed and its message is
+        dead-lettered) and one with no job id to fail is quarantined: the third list, dead letters to write."""
+        deliveries, begun, quarantined = [], [], []
         for raw, started in zip(batch.raws, batch.begun):
             tag, job_id = message_ids(raw)
             try:
                 msg = read_message(raw)
-                delivery = Delivery(msg.task_id, msg.task, msg.kwargs.get("job"), tag=msg.tag)
+                delivery = Delivery(msg.task_id, msg.task, msg.kwargs.get("job"), tag=msg.tag, queue=self.queue)
             except Exception as exc:
                 log.error("refused message %s (job %s): %s", tag, job_id, exc)
-                delivery = Delivery(job_id or "", "", None, tag=tag, refused=as_fleet_error(exc))
+                delivery = Delivery(job_id or "", "", None, tag=tag, refused=as_fleet_error(exc), queue=self.queue,
+                                    raw=raw)
             if started is None:  # the fetch could not read it either: nothing recorded, nothing to ack
                 delivery.tag = None
-                if not delivery.job_id:
-                    log.error("dropped a message that is not a task message: %r", raw[:200])
-                    continue
+                delivery.raw = raw
                 delivery.refused = delivery.refused or InvalidInputError("the message is not a kombu envelope")
+                if not delivery.job_id:
+                    log.error("quarantined a message that is not a task message: %r", raw[:200])
+                    quarantined.append(deadletters.entry(delivery, delivery.refused, 1, "unreadable"))
+                    continue
                 started = Begun(batch.started_at, False, 1, False)
             deliveries.append(delivery)
             begun.append(started)
-        return deliveries, begun
+        return deliveries, begun, quarantined
 
     def _ack(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
         ack(pipe, self.held_key, [d.tag for d in deliveries if d.tag])
 
     def handle(self, batch: Fetched) -> None:
-        deliveries, begun = self.decode(batch)
+        deliveries, begun, quarantined = self.decode(batch)
+        if quarantined:
+            pipe = self.redis.pipeline(transaction=True)
+            for letter in quarantined:
+                deadletters.push(pipe, self.keys, self.queue, letter)
+            pipe.execute()
         if self.events is not None:
             for d in deliveries:
                 self.events.received(d.job_id, d.task, routing_key=self.fetcher.lists[0])
@@ -105,11 +116,19 @@ class Consumer:
         log.info("batching consumer %s on %s, batches of up to %d", self.context.worker_id, self.fetcher.lists[0],
                  self.fetcher.max_messages)
         registered = False
+        stranded = False
         while not self._stop.is_set():
             try:
                 if not registered:  # listed before the first fetch: the reaper knows whom to check
                     self.redis.sadd(self.keys.delivery_holders(), self.context.worker_id)
                     registered = True
+                if stranded:
+                    # NOTE: a batch whose outcomes could not be stored (Redis went away mid-batch) is still held
+                    # by this live process, so neither the supervisor nor the reaper would give it back: it goes
+                    # back now that Redis answers, and runs again (a job whose outcome did land is skipped).
+                    self.redelivery.give_back_held(self.context.worker_id)
+                    self.redis.sadd(self.keys.delivery_holders(), self.context.worker_id)
+                    stranded = False
                 self.reaper.maybe_run()
                 if time.monotonic() >= self._next_sweep:
                     self.redelivery.sweep(self.visibility_timeout)
@@ -125,8 +144,9 @@ class Consumer:
                 self.slot.busy(batch.started_at)
             try:
                 self.handle(batch)
-            except Exception:  # the batch stays held and unacked: the supervisor or the sweep gives it back
-                log.exception("a batch of %d failed outside the jobs", len(batch.raws))
+            except Exception:  # the batch stays held and unacked: given back at the top of the loop
+                log.exception("a batch of %d failed outside the jobs; it goes back to the queue", len(batch.raws))
+                stranded = True
             finally:
                 if self.slot is not None:
                     self.slot.busy(0.0)

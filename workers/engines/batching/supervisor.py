@@ -156,13 +156,22 @@ class Supervisor:
         self.outcomes.finish([FinishedJob(job_id, None, self.time_limit.error(job_id)) for job_id, _ in held.values()],
                              also=lambda pipe: ack(pipe, key, list(held)))
 
-    def _retire(self, pid: int, timed_out: bool) -> None:
-        """After a consumer died: end or give back what it held, take it off the live set."""
+    def _retire(self, pid: int, timed_out: bool, exitcode: int | None = None) -> None:
+        """After a consumer died: end or give back what it held (noting why on each job: a job that keeps killing
+        its process ends as a ``PoisonJobError`` that says so), take it off the live set."""
+        from workers.executor.deadletters import record_failed_run
+
         worker_id = self._worker_id(pid)
         try:
             if timed_out:
                 self._fail_held(worker_id)
             else:
+                cause = describe_exit(exitcode, worker_id)
+                job_ids = [job_id for job_id, _ in self.redelivery.held(worker_id).values() if job_id]
+                if job_ids:
+                    pipe = self.redis.pipeline(transaction=False)
+                    record_failed_run(pipe, self.keys, job_ids, cause)
+                    pipe.execute()
                 self.redelivery.give_back_held(worker_id)
             self.redis.zrem(self.keys.workers(), worker_id)
         except Exception as exc:  # Redis away: the visibility sweep gives the messages back later
@@ -179,7 +188,7 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGKILL)
         proc.join(5)
         log.warning("consumer %s exited (%s); replacing it", proc.pid, proc.exitcode)
-        self._retire(proc.pid, timed_out)
+        self._retire(proc.pid, timed_out, proc.exitcode)
         if not self._stop.is_set():
             self._start(slot)
 
@@ -223,6 +232,17 @@ class Supervisor:
             proc.join(5)
             if proc.exitcode != 0:
                 self._retire(proc.pid, timed_out=False)
+
+
+def describe_exit(exitcode: int | None, worker_id: str) -> str:
+    """What ended a consumer, for its jobs' records: ``killed by signal 9 (SIGKILL) in <worker>``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-exitcode} ({name}) in {worker_id}"
+    return f"exited with code {exitcode} in {worker_id}"
 
 
 def run(adapter: str, device: str, processes: int, loglevel: str, name: str | None = None) -> None:

@@ -44,6 +44,26 @@ class FleetRequest(Request):
         if not was_acknowledged:
             holdings.release(self.message.delivery_tag)
 
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        # NOTE: a pool process that died mid-job (WorkerLostError) requeues the job: its record says why, so that
+        # a job that keeps killing its process ends as a PoisonJobError naming the cause.
+        from billiard.einfo import ExceptionWithTraceback
+        from billiard.exceptions import WorkerLostError
+
+        exc = getattr(exc_info, "exception", None)
+        exc = exc.exc if isinstance(exc, ExceptionWithTraceback) else exc  # how the pool hands it over
+        if isinstance(exc, WorkerLostError):
+            from workers.executor.deadletters import record_failed_run
+
+            try:
+                pipe = _parent_outcomes().redis.pipeline(transaction=False)
+                record_failed_run(pipe, _parent_outcomes().recorder.keys, [self.id],
+                                  f"{exc} in {self.hostname}")
+                pipe.execute()
+            except Exception as err:
+                log.warning("could not record why job %s's process died: %s", self.id, err)
+        super().on_failure(exc_info, send_failed_event, return_ok)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         # NOTE: Celery first (it acknowledges, and may store its own TimeLimitExceeded), then the job's own error.
         super().on_timeout(soft, timeout)

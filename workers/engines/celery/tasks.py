@@ -21,7 +21,8 @@ from workers.executor.policies import Skip
 
 
 def run(task: Task, job: Any) -> dict[str, Any]:
-    (outcome,) = process.current().executor.run([Delivery(task.request.id, task.name, job)])
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    (outcome,) = process.current().executor.run([Delivery(task.request.id, task.name, job, queue=queue)])
     if isinstance(outcome, FleetError):
         raise outcome
     status = "skipped" if isinstance(outcome, Skip) else "succeeded"
