@@ -161,7 +161,10 @@ def jobs_wait(job_id: str, api: str | None) -> None:
 def jobs_cancel(job_id: str, api: str | None) -> None:
     """Cancel a queued or running job."""
     doc = _call("DELETE", f"{_api_url(api)}/v1/jobs/{job_id}")
-    console.print(f"job {job_id}: {doc.get('status')}")
+    if doc.get("cancel_requested"):
+        console.print(f"job {job_id}: {doc.get('status')}, cancel requested (it stops between batch items)")
+    else:
+        console.print(f"job {job_id}: {doc.get('status')}")
 
 
 @jobs.command("dead-letters")

@@ -8,7 +8,8 @@ import click
 
 
 @click.command()
-@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (loopback by default; 0.0.0.0 in a container, behind its network).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
 def api(host: str, port: int) -> None:
     """Run the producer API (HTTP + WebSocket) with aiohttp."""

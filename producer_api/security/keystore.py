@@ -25,7 +25,7 @@ from cachetools import TTLCache
 from limits import parse as parse_limit
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from producer_api.security.principal import SCOPES, Principal
+from producer_api.security.principal import ANONYMOUS, SCOPES, Principal
 from shared.errors import FleetError, InvalidInputError
 from shared.keys import Keys
 
@@ -98,6 +98,8 @@ class StaticKey(BaseModel):
         # NOTE: ValueErrors, not the fleet's typed errors: pydantic reports only those as validation errors.
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError("give exactly one of 'key' and 'key_sha256'")
+        if self.name == ANONYMOUS.name:
+            raise ValueError(f"key name {self.name!r} is reserved")
         unknown = sorted(set(self.scopes) - set(SCOPES))
         if unknown:
             raise ValueError(f"unknown scopes {unknown}; scopes are {', '.join(SCOPES)}")
@@ -184,6 +186,9 @@ class KeyStore:
         """
         if not NAME_PATTERN.match(name):
             raise InvalidInputError(f"key name {name!r} must match {NAME_PATTERN.pattern}", field="name")
+        if name == ANONYMOUS.name:
+            # jobs submitted while auth was off are recorded as the anonymous caller's: no key may inherit them
+            raise InvalidInputError(f"key name {name!r} is reserved", field="name")
         scope_set = check_scopes(scopes)
         check_rate_limit(rate_limit)
         if any(p.name == name for p in self.static.values()):

@@ -113,7 +113,8 @@ async def test_keys_are_stored_only_as_hashes_with_their_metadata(aredis, sredis
     with pytest.raises(KeyExistsError):
         await store.create("ci", ["read"])
     for bad in ({"name": "has space", "scopes": ["read"]}, {"name": "x", "scopes": ["root"]},
-                {"name": "x", "scopes": []}, {"name": "x", "scopes": ["read"], "rate_limit": "lots"}):
+                {"name": "x", "scopes": []}, {"name": "x", "scopes": ["read"], "rate_limit": "lots"},
+                {"name": "anonymous", "scopes": ["read"]}):
         with pytest.raises(InvalidInputError):
             await store.create(**bad)
     assert await store.revoke("ci") and not await store.revoke("ci")
