@@ -15,6 +15,10 @@ from shared.settings import FleetSettings, get_settings, soft_time_limit
 ACCEPTED_CONTENT = ["json", "msgpack"]
 
 
+#: Seconds after which kombu itself gives an unacknowledged message back (see the transport options below).
+KOMBU_LAST_RESORT_S = 86400
+
+
 def create_celery_app(settings: FleetSettings | None = None, name: str = "finsight-fleet") -> Celery:
     """Build the fleet's Celery app for ``settings`` (process-wide settings by default)."""
     settings = settings or get_settings()
@@ -51,10 +55,12 @@ def create_celery_app(settings: FleetSettings | None = None, name: str = "finsig
         worker_send_task_events=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            # NOTE: Redis has no real acks: a delivered, unacked message comes back after the visibility
-            # timeout. It must outlast the longest job (the hard time limit) or a slow job would run twice;
-            # twice the limit leaves room for the result write and a worker's shutdown grace.
-            "visibility_timeout": visibility,
+            # NOTE: Redis has no real acks: kombu gives a delivered, unacked message back after this, whoever holds
+            # it. The fleet's reaper (workers/reaper.py) does that job instead: a lost worker's deliveries at once,
+            # unknown holders' after 2 x the time limit, never a live worker's. kombu's own sweep stays only as
+            # the last resort, a day late, so that a pool with a short time limit never takes a long job from a
+            # live worker of another pool.
+            "visibility_timeout": max(visibility, KOMBU_LAST_RESORT_S),
             # Sweep for messages of dead workers a few times per visibility timeout (one ZRANGE each), not
             # kombu's default of every 100 s, so that redelivery follows the timeout closely.
             "unacked_restore_interval": max(1, min(60, visibility // 4)),

@@ -7,4 +7,9 @@ Start a pool with ``fleet worker --adapter simple --device cpu`` (the batching e
 from shared.celery_app import app
 from workers.engines.celery import control, signals, tasks  # noqa: F401  (registering is the import's purpose)
 
+# Celery's consumer, quarantining what it cannot run instead of dropping it (workers/engines/celery/consumer.py),
+# on kombu's Redis transport hardened so that no list item can take the worker down (transport.py).
+app.conf.worker_consumer = "workers.engines.celery.consumer:FleetConsumer"
+app.conf.broker_transport = "workers.engines.celery.transport:Transport"
+
 __all__ = ["app"]

@@ -11,9 +11,12 @@ supervisor does (:class:`workers.engines.batching.redelivery.Redelivery`: only a
 and still the one the holder took goes back). The visibility timeout stays as the last resort for deliveries
 whose holder is unknown.
 
-A live node is never reaped, however long its jobs run: its processes beat from a thread. And a reaper that
-just came back from a Redis outage waits until its own heartbeat has had time to show (everyone's heartbeats
-stopped during the outage; they resume within a heartbeat interval).
+A live node is never reaped, however long its jobs run: its processes beat from a thread. The same reaper runs
+the last-resort sweep (deliveries unacknowledged for the visibility timeout whose holder is unknown), sparing
+what live workers hold, so a pool with a shorter time limit never takes a longer job from another pool.
+
+A reaper that just came back from a Redis outage waits until its own heartbeat has had time to show (everyone's
+heartbeats stopped during the outage; they resume within a heartbeat interval).
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ class Reaper:
         lost_after_s: ``WORKER_LOST_AFTER_SECONDS``.
     """
 
-    def __init__(self, redis: Any, keys: Keys, lost_after_s: float) -> None:
+    def __init__(self, redis: Any, keys: Keys, lost_after_s: float, visibility_timeout_s: float | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.lost_after_s = lost_after_s
+        self.visibility_timeout_s = visibility_timeout_s
         self.redelivery = Redelivery(redis, keys)
         self._next = 0.0
+        self._next_sweep = 0.0
         self._up_since: float | None = None
 
     def maybe_run(self) -> int:
@@ -80,7 +85,8 @@ class Reaper:
         if now - self._up_since < WORKER_HEARTBEAT_INTERVAL_S * 2:
             return 0
         holders = [h.decode() if isinstance(h, bytes) else h for h in self.redis.smembers(self.keys.delivery_holders())]
-        if not holders:
+        sweep_due = self.visibility_timeout_s is not None and now >= self._next_sweep
+        if not holders and not sweep_due:
             return 0
         token = str(uuid.uuid4())
         if not self.redis.set(self.keys.reaper_lock(), token, nx=True, ex=LOCK_TTL_S):
@@ -96,10 +102,24 @@ class Reaper:
                     log.warning("worker node %s is lost (no heartbeat for %.0f s): %d delivery(ies) of %s went back",
                                 node_of(holder), self.lost_after_s, back, holder)
                 restored += back
+            if sweep_due:
+                restored += self._sweep(holders, alive)
             return restored
         finally:
             if self.redis.get(self.keys.reaper_lock()) == token.encode():
                 self.redis.delete(self.keys.reaper_lock())
+
+    def _sweep(self, holders: list[str], alive: set[str]) -> int:
+        """The last resort: deliveries nobody holds (or whose holder was never recorded) go back after the
+        visibility timeout; what live workers hold is spared, however long it runs."""
+        assert self.visibility_timeout_s is not None
+        self._next_sweep = time.monotonic() + max(REAP_INTERVAL_S, self.visibility_timeout_s / 4)
+        live = [h for h in holders if node_of(h) in alive]
+        pipe = self.redis.pipeline(transaction=False)
+        for holder in live:
+            pipe.hkeys(self.keys.worker_deliveries(holder))
+        spare = frozenset(t.decode() if isinstance(t, bytes) else t for tags in pipe.execute() for t in tags)
+        return self.redelivery.sweep(self.visibility_timeout_s, spare)
 
     def _live_nodes(self) -> set[str]:
         ids = self.redis.zrangebyscore(self.keys.workers(), time.time() - self.lost_after_s, "+inf")

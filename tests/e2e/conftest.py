@@ -177,15 +177,20 @@ class FleetUp:
     @property
     def flower_url(self) -> str:
         """Flower's URL as the start-up panel prints it (``fleet up`` picks another port if ours was taken)."""
-        found = re.search(r"Flower\s+(http://[\w.:]+)", self.output())
-        assert found, f"no Flower URL in the output:\n{self.diagnostics()}"
+        found = self.printed(r"Flower\s+(http://[\w.:]+)", "Flower URL")
         return found.group(1)
+
+    def printed(self, pattern: str, what: str) -> re.Match:
+        """``pattern`` in the start-up panel, waiting for it: /readyz answers before the panel is printed."""
+        try:
+            return wait_for(lambda: re.search(pattern, self.output()), 30, what)
+        except TimeoutError:
+            raise AssertionError(f"no {what} in the output:\n{self.diagnostics()}") from None
 
     @property
     def api_key(self) -> str:
         """The admin key as the start-up panel prints it; it must be the one written, 0600, to the state dir."""
-        found = re.search(r"API key\s+(fsk_[\w-]+)", self.output())
-        assert found, f"no API key in the output:\n{self.diagnostics()}"
+        found = self.printed(r"API key\s+(fsk_[\w-]+)", "API key")
         path = self.home / "finsight-fleet" / "api-key"
         assert path.read_text().strip() == found.group(1) and path.stat().st_mode & 0o777 == 0o600
         return found.group(1)
@@ -193,8 +198,7 @@ class FleetUp:
     @property
     def flower_credentials(self) -> tuple[str, str]:
         """Flower's user and password as the panel prints them (and as stored, 0600, in the state dir)."""
-        found = re.search(r"user (\w+), password ([\w-]+);", self.output())
-        assert found, f"no Flower credentials in the output:\n{self.diagnostics()}"
+        found = self.printed(r"user (\w+), password ([\w-]+);", "Flower credentials")
         path = self.home / "finsight-fleet" / "flower-password"
         assert path.read_text().strip() == found.group(2) and path.stat().st_mode & 0o777 == 0o600
         return found.group(1), found.group(2)

@@ -175,7 +175,7 @@ def test_a_process_killed_mid_batch_is_replaced_and_loses_no_job(engine, start_w
 
 def test_a_job_that_kills_every_process_it_runs_in_is_stopped(engine, start_worker, producer, redis_client,
                                                               fleet_settings) -> None:
-    start_worker(engine=engine, concurrency=1, JOB_MAX_DELIVERIES="2", BATCH_MAX_BATCH_SIZE="2")
+    worker = start_worker(engine=engine, concurrency=1, JOB_MAX_DELIVERIES="2", BATCH_MAX_BATCH_SIZE="2")
     result = producer.send_task(tasks.BATCH_PREDICT, kwargs={"job": slow_batch(300)})
     for delivery in ("1", "2"):  # the fault: its process dies on each delivery (an OOM kill, a segfault)
         pid = wait_for(lambda: record(redis_client, fleet_settings, result.id).get("deliveries") == delivery
@@ -192,6 +192,10 @@ def test_a_job_that_kills_every_process_it_runs_in_is_stopped(engine, start_work
     (letter,) = [entry for entry in letters if entry["job_id"] == result.id]
     assert letter["reason"] == "poison" and letter["task"] == tasks.BATCH_PREDICT and letter["deliveries"] == 3
     assert letter["error"]["type"] == "PoisonJobError" and len(letter["payload"]["requests"]) == 300
+    # the pool kept its size: the killed process was replaced each time, and the replacement serves
+    ok = producer.send_task(tasks.PREDICT, kwargs={"job": {**KEY, "inputs": {"series": series(3)}}})
+    assert len(ok.get(timeout=TIMEOUT)["predictions"]) == 24
+    assert len(wait_for(lambda: len(worker.processes()) == 1 and worker.processes(), 30, "one live process")) == 1
 
 
 def get_json(url: str):

@@ -22,14 +22,16 @@ JUNK = [
 ]
 
 
-def test_malformed_messages_are_dead_lettered_and_consumers_keep_running(start_worker, producer, redis_client,
+def test_malformed_messages_are_dead_lettered_and_consumers_keep_running(engine, start_worker, producer, redis_client,
                                                                          fleet_settings) -> None:
     keys = Keys(fleet_settings.redis_key_prefix)
-    worker = start_worker(engine="batching", concurrency=2)
-    pids = worker.processes()
+    worker = start_worker(engine=engine, concurrency=2)
+    pids = wait_for(lambda: len(worker.processes()) == 2 and worker.processes(), TIMEOUT, "both processes")
+    before = redis_client.llen(keys.dead_letters(QUEUE))  # earlier tests of the session left theirs
     for junk in JUNK:
         redis_client.lpush(routing.priority_list(QUEUE, 0), junk)
-    letters = wait_for(lambda: (found := [json.loads(r) for r in redis_client.lrange(keys.dead_letters(QUEUE), 0, -1)])
+    letters = wait_for(lambda: (found := [json.loads(r) for r in redis_client.lrange(keys.dead_letters(QUEUE),
+                                                                                       before, -1)])
                        and len(found) >= len(JUNK) and found, TIMEOUT, "every malformed message dead-lettered")
     assert {letter["reason"] for letter in letters} == {"unreadable"}
     assert all(letter["error"]["type"] and letter["raw"] for letter in letters)

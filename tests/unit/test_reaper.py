@@ -72,3 +72,16 @@ def test_a_failing_round_is_logged_not_raised(redis, caplog):
     redis.set(KEYS.delivery_holders(), "not a set")
     assert reaper.maybe_run() == 0 and "reaping lost workers failed" in caplog.text
     assert reaper._up_since is None
+
+
+def test_the_sweep_gives_back_only_what_no_live_worker_holds(redis):
+    now = time.time()
+    hold(redis, "live@host|12", "long-job", now - 5000)  # a long job of a live worker of another pool
+    hold(redis, "lost@host|11", "t-lost", now - 5000)
+    redis.hset(UNACKED, "orphan", redis.hget(UNACKED, "t-lost").replace(b"t-lost", b"orphan"))
+    redis.zadd(UNACKED_INDEX, {"orphan": now - 5000})  # unacked, held by nobody known
+    redis.zadd(KEYS.workers(), {"live@host|14": now - 2})
+    reaper = Reaper(redis, KEYS, 30, visibility_timeout_s=1200)
+    reaper._up_since = time.monotonic() - 3600
+    assert reaper.run_once() == 2  # the lost worker's, then the orphan
+    assert redis.hexists(UNACKED, "long-job") and not redis.hexists(UNACKED, "orphan")

@@ -43,13 +43,12 @@ class Consumer:
         self.fetcher = BatchFetcher(self.redis, routing.redis_list_keys(queue), self.keys, context.worker_id,
                                     settings.result_ttl_seconds, settings.batch.max_batch_size)
         self.redelivery = Redelivery(self.redis, self.keys)
-        self.reaper = Reaper(self.redis, self.keys, settings.worker_lost_after_seconds)
-        self.visibility_timeout = 2 * settings.job_time_limit_seconds
+        self.reaper = Reaper(self.redis, self.keys, settings.worker_lost_after_seconds,
+                             visibility_timeout_s=2 * settings.job_time_limit_seconds)
         self.events = events
         self.slot = slot
         """Shared with the supervisor: ``busy_since`` (0 when idle) and jobs done, per task kind."""
         self._stop = stop or threading.Event()
-        self._next_sweep = 0.0
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -129,10 +128,7 @@ class Consumer:
                     self.redelivery.give_back_held(self.context.worker_id)
                     self.redis.sadd(self.keys.delivery_holders(), self.context.worker_id)
                     stranded = False
-                self.reaper.maybe_run()
-                if time.monotonic() >= self._next_sweep:
-                    self.redelivery.sweep(self.visibility_timeout)
-                    self._next_sweep = time.monotonic() + max(1.0, self.visibility_timeout / 4)
+                self.reaper.maybe_run()  # lost workers, then the visibility sweep
                 batch = self.fetcher.fetch(block_s=1.0)
             except Exception as exc:
                 log.error("fetching from Redis failed (%s); retrying", exc)

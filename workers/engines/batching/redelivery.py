@@ -87,8 +87,9 @@ class Redelivery:
             log.warning("gave back %d message(s) held by %s", restored, worker_id)
         return restored
 
-    def sweep(self, visibility_timeout: float) -> int:
-        """Give back messages nobody acknowledged within the visibility timeout (a lost host's)."""
+    def sweep(self, visibility_timeout: float, spare: frozenset[str] = frozenset()) -> int:
+        """Give back messages nobody acknowledged within the visibility timeout, but those in ``spare`` (held by
+        live workers: however long their jobs run, they are not taken from them)."""
         lock = str(uuid.uuid4())
         if not self.redis.set(UNACKED_MUTEX, lock, nx=True, ex=300):
             return 0  # another consumer (or a Celery worker) is sweeping
@@ -96,7 +97,8 @@ class Redelivery:
         try:
             ceiling = time.time() - visibility_timeout
             due = [(t.decode(), score) for t, score in
-                   self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, withscores=True)]
+                   self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, withscores=True)
+                   if t.decode() not in spare]
             raws = self.redis.hmget(UNACKED, [t for t, _ in due]) if due else []
             # NOTE: the holder is unknown here; its holdings entry stays, and is harmless: the fetch time in it no
             # longer matches once the message is taken again, so its supervisor never gives that delivery back.

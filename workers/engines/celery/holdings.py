@@ -30,7 +30,8 @@ return 1
 class MainProcessHoldings:
     """The holdings of one Celery worker node's main process, and its reaper thread."""
 
-    def __init__(self, redis: Any, keys: Keys, node: str, lost_after_s: float) -> None:
+    def __init__(self, redis: Any, keys: Keys, node: str, lost_after_s: float,
+                 visibility_timeout_s: float | None = None) -> None:
         from workers.reaper import REAP_INTERVAL_S, Reaper
 
         self.redis = redis
@@ -38,7 +39,7 @@ class MainProcessHoldings:
         self.holder = f"{node}|main"
         self.held_key = keys.worker_deliveries(self.holder)
         self._hold = redis.register_script(_HOLD)
-        self.reaper = Reaper(redis, keys, lost_after_s)
+        self.reaper = Reaper(redis, keys, lost_after_s, visibility_timeout_s=visibility_timeout_s)
         self._interval = REAP_INTERVAL_S
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,7 +74,7 @@ def start(node: str) -> None:
 
     settings = get_settings()
     _current = MainProcessHoldings(redis_client(settings), Keys(settings.redis_key_prefix), node,
-                                   settings.worker_lost_after_seconds)
+                                   settings.worker_lost_after_seconds, 2 * settings.job_time_limit_seconds)
     _current.start()
 
 
