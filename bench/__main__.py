@@ -1,4 +1,5 @@
-"""``python -m bench run [--quick]``: the whole benchmark in one command."""
+"""``python -m bench run [--quick]``: the whole benchmark in one command; ``python -m bench chaos [--quick]``: the
+chaos run (faults under load, every job accounted for)."""
 
 from __future__ import annotations
 
@@ -60,14 +61,53 @@ def run(quick: bool, systems: str, out_dir: Path, keep: bool, reps: int | None, 
 
 
 @cli.command()
+@click.option("--quick", is_flag=True, help="A smoke run: 1,500 jobs, shorter gaps between faults.")
+@click.option("--engine", type=click.Choice(["batching", "celery"]), default="batching", show_default=True,
+              help="The workers' engine (`fleet worker --engine`).")
+@click.option("--jobs", type=click.IntRange(100, 1_000_000), default=None,
+              help="Accepted predict jobs to reach (default: 10,000; 1,500 with --quick).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS,
+              show_default=True, help="Where the .md and .json go.")
+@click.option("--keep", is_flag=True, help="Keep the temporary work directory (every process's log, Redis' AOF).")
+def chaos(quick: bool, engine: str, jobs: int | None, out_dir: Path, keep: bool) -> None:
+    """Load a real fleet over HTTP while killing its processes, poisoning it and restarting Redis; account for
+    every job (lost, run twice, failed) and each fault's recovery."""
+    from bench.chaos import report
+    from bench.chaos.plan import MODES
+    from bench.chaos.run import ChaosRun
+
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        click.echo(f"{time.monotonic() - started:7.1f}s  {message}", err=True)
+
+    mode = MODES["quick" if quick else "full"]
+    if jobs:
+        mode = dataclasses.replace(mode, jobs=jobs, notes=[*mode.notes, f"overridden: {jobs:,} jobs"])
+    result = ChaosRun(mode, engine, log=log, keep=keep).run()
+    paths = report.write(result, out_dir)
+    for line in report.summary(result):
+        log(line)
+    log(f"results: {paths['md']}, {paths['json']}")
+    if result["failures"] or not result.get("verdict", {}).get("ok"):
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("results_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def render(results_json: Path) -> None:
-    """Re-render the .md and .png of a results .json (after editing bench/limits.py, say)."""
+    """Re-render the .md and .png of a results .json (after editing bench/limits.py, say); a chaos run's .md."""
     import json
 
     from bench import report
 
     run = json.loads(results_json.read_text())
+    if "plan" in run:  # a chaos run's results (python -m bench chaos)
+        from bench.chaos import report as chaos_report
+
+        paths = chaos_report.write(run, results_json.parent)
+        click.echo(f"results: {paths['md']}, {paths['json']}")
+        return
     run.pop("targets", None)
     paths = report.write(run, results_json.parent)
     click.echo(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
