@@ -19,6 +19,7 @@ from producer_api.records import JOB_ID_PATTERN
 from producer_api.responses import (Accepted, BatchPredictRequest, CancelRequested, ErrorResponse, Health, ModelList,
                                     StatsResponse)
 from producer_api.deadletters import DeadLetterList, RequeueRequest
+from producer_api.oip import HEADER_LENGTH, InferenceRequest, InferenceResponse, ModelMetadata, OipError, ServerMetadata
 from producer_api.security.middleware import PUBLIC, ROUTE_SCOPES
 from producer_api.security.schemas import KeyCreated, KeyList, KeyRequest, KeyRevoked
 from shared.schemas import LoadJob, PredictJob, UnloadJob
@@ -36,7 +37,17 @@ _DL_QUEUE = {"name": "queue", "in": "query", "required": False, "schema": {"type
              "description": "One pool queue (infer.<adapter>.<device>); every pool's by default"}
 _DL_LIMIT = {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+_MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "The model's id: <SYMBOL>_<timeframe>_<model_type> (e.g. AAPL_1h_patchtst)"}
+_MODEL_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                  "description": "A version in the model store (1, 2, ...)"}
+_HEADER_LENGTH = {"name": HEADER_LENGTH, "in": "header", "required": False,
+                  "schema": {"type": "integer", "minimum": 0},
+                  "description": "Binary tensor extension: the JSON header's length in bytes; the inputs' raw bytes "
+                                 "follow it (parameters.binary_data_size each). Binary outputs come back the same way."}
 _MSGPACK = ("application/msgpack",)
+#: The routes of the Open Inference Protocol: their bodies and errors are the protocol's.
+_OIP_PREFIX = "/v2"
 #: How a key is sent: either header works on every route that needs one.
 _SECURITY_SCHEMES = {
     "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -69,6 +80,24 @@ _ROUTES: list[tuple[str, str, str, Any, dict[int, Any], list[dict[str, Any]]]] =
     ("get", "/readyz", "Readiness: Redis reachable and a live worker per configured pool", None,
      {200: Health, 503: ErrorResponse}, []),
     ("get", "/metrics", "Prometheus metrics", None, {200: "text/plain"}, []),
+    ("get", "/v2/health/live", "Open Inference Protocol (KServe v2): liveness (200, empty body)", None,
+     {200: "empty"}, []),
+    ("get", "/v2/health/ready", "OIP readiness, the check of /readyz (200 with an empty body, else 503)", None,
+     {200: "empty", 503: OipError}, []),
+    ("get", "/v2", "OIP server metadata: name, version, extensions", None, {200: ServerMetadata}, []),
+    ("get", "/v2/models/{name}", "OIP model metadata: the newest version's input and output tensors", None,
+     {200: ModelMetadata, 404: OipError}, [_MODEL_NAME]),
+    ("get", "/v2/models/{name}/versions/{version}", "OIP model metadata of one version", None,
+     {200: ModelMetadata, 404: OipError}, [_MODEL_NAME, _MODEL_VERSION]),
+    ("get", "/v2/models/{name}/ready", "OIP model readiness: 200 (empty body) when a live worker holds the model, "
+     "else 503", None, {200: "empty", 404: OipError, 503: OipError}, [_MODEL_NAME]),
+    ("get", "/v2/models/{name}/versions/{version}/ready", "OIP readiness of one version of a model", None,
+     {200: "empty", 404: OipError, 503: OipError}, [_MODEL_NAME, _MODEL_VERSION]),
+    ("post", "/v2/models/{name}/infer", "OIP infer: a predict job, enqueued and awaited (504 after 60 s); JSON "
+     "tensors or the binary tensor extension", InferenceRequest, {200: InferenceResponse, 504: OipError},
+     [_MODEL_NAME, _HEADER_LENGTH]),
+    ("post", "/v2/models/{name}/versions/{version}/infer", "OIP infer on one version of a model", InferenceRequest,
+     {200: InferenceResponse, 504: OipError}, [_MODEL_NAME, _MODEL_VERSION, _HEADER_LENGTH]),
     ("get", "/openapi.json", "This document", None, {200: "application/json"}, []),
     ("get", "/docs", "A browsable listing of this document", None, {200: "text/html"}, []),
 ]
@@ -78,16 +107,21 @@ _DESCRIPTIONS = {101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Ac
                  404: "Unknown job (or another key's), model or route", 409: "Job already final",
                  413: "Body too large (compressed, or once inflated)", 415: "Unsupported Content-Encoding",
                  422: "Invalid input", 500: "Internal error",
-                 503: "Redis or the fleet unavailable (or, on /events, the API's cap of open sockets)"}
+                 503: "Redis or the fleet unavailable (or, on /events, the API's cap of open sockets)",
+                 504: "The job did not end within the wait; it goes on (GET /v1/jobs/{id})"}
 #: The request body, whatever its schema.
 _BODY = ("JSON or msgpack, optionally compressed (`Content-Encoding: gzip` or `deflate`); at most "
          "`API_MAX_BODY_BYTES`, compressed and once inflated.")
+_OIP_BODY = ("An OIP inference request in JSON, or (binary tensor extension) its JSON header followed by the inputs' "
+             "raw bytes; optionally compressed (`Content-Encoding: gzip` or `deflate`); at most `API_MAX_BODY_BYTES`.")
+#: Answers without a body.
+_NO_CONTENT = ("websocket", "empty")
 
 
 def _response(status: int, target: Any, refs: dict[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "")}
     if isinstance(target, str):
-        if target != "websocket":
+        if target not in _NO_CONTENT:
             out["content"] = {target: {"schema": {"type": "string" if target != "application/json" else "object"}}}
     else:
         out["content"] = {"application/json": {"schema": refs[(target, "serialization")]}}
@@ -99,7 +133,7 @@ def build_spec() -> dict[str, Any]:
     """The OpenAPI document (built once per process; treat it as read-only)."""
     models = {m for _, _, _, m, _, _ in _ROUTES if m is not None}
     answers = {t for *_, responses, _ in _ROUTES for t in responses.values() if not isinstance(t, str)}
-    answers.add(ErrorResponse)
+    answers.update((ErrorResponse, OipError))
     pairs = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
     pairs += [(m, "serialization") for m in sorted(answers, key=lambda m: m.__name__)]
     refs, top = models_json_schema(pairs, ref_template=REF)
@@ -108,15 +142,22 @@ def build_spec() -> dict[str, Any]:
         op: dict[str, Any] = {"summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_')}"}
         if params:
             op["parameters"] = params
+        is_oip = path.startswith(_OIP_PREFIX)
+        # NOTE: the auth middleware answers 401 / 403 / 429 before any OIP handler runs, so those keep the
+        # fleet's ErrorResponse; what the OIP handlers raise is in the protocol's shape.
+        error = OipError if is_oip else ErrorResponse
         if request is not None:
             schema = refs[(request, "validation")]
             content = {"application/json": {"schema": schema}}
-            content.update({t: {"schema": schema} for t in _MSGPACK})
-            op["requestBody"] = {"required": True, "description": _BODY, "content": content}
+            if is_oip:
+                content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+            else:
+                content.update({t: {"schema": schema} for t in _MSGPACK})
+            op["requestBody"] = {"required": True, "description": _OIP_BODY if is_oip else _BODY, "content": content}
         answered = {s: _response(s, t, refs) for s, t in responses.items()}
         for status in ((400, 404, 413, 415, 422, 503) if request is not None
                        else (404, 422) if "{id}" in path else ()):
-            answered.setdefault(status, _response(status, ErrorResponse, refs))
+            answered.setdefault(status, _response(status, error, refs))
         if method == "delete":
             answered[409] = _response(409, ErrorResponse, refs)
         if path.endswith("/events"):
@@ -128,14 +169,17 @@ def build_spec() -> dict[str, Any]:
             op["description"] = f"Needs an API key with the `{scope}` scope (or `admin`)."
             for status in (401, 403, 429):
                 answered[status] = _response(status, ErrorResponse, refs)
-        answered[500] = _response(500, ErrorResponse, refs)
+        answered[500] = _response(500, error, refs)
         op["responses"] = {str(s): r for s, r in sorted(answered.items())}
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "FinSight Fleet", "version": shared.__version__,
                  "description": "Async inference jobs for forecasters and sentiment models on Celery + Redis. "
-                                "Bodies are JSON or msgpack; every error is {\"error\": {type, message, field?}}."},
+                                "Bodies are JSON or msgpack; every error is {\"error\": {type, message, field?}}. "
+                                "The /v2 routes speak the Open Inference Protocol (KServe v2): JSON or binary "
+                                "tensors, and errors raised past the key check as {\"error\": message, type, "
+                                "retryable, field?}."},
         "paths": paths,
         "security": [{"ApiKey": []}, {"Bearer": []}],
         "components": {"schemas": top.get("$defs", {}), "securitySchemes": _SECURITY_SCHEMES},

@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from producer_api.jobdoc import JobDocument
+from producer_api.oip import ModelSignature
 from shared.schemas import BatchPredictJob, JobErrorBody, PredictJob, ServingStats
 
 
@@ -58,6 +59,8 @@ class StoredModel(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
     loaded_on: list[str] = Field(default_factory=list)
     """Ids (``<celery hostname>|<pid>``) of live worker processes holding the model."""
+    signature: ModelSignature | None = None
+    """The newest version's inputs and outputs as Open Inference Protocol tensors (``GET /v2/models/{name}``)."""
 
 
 class ModelList(BaseModel):

@@ -20,6 +20,7 @@ from shared.errors import AuthenticationError, PermissionDeniedError
 #: Routes anyone may call: probes must not need a secret, and the docs describe how to get one.
 PUBLIC: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/docs"), ("GET", "/openapi.json"),
+    ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),  # the Open Inference Protocol's probes
 })
 #: (method, route pattern) -> the scope a key needs. ``admin`` keys may call everything.
 ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
@@ -38,6 +39,14 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/dead-letters"): "admin",
     ("POST", "/v1/dead-letters"): "admin",
     ("GET", "/metrics"): "metrics",
+    # The Open Inference Protocol (KServe v2): metadata and readiness read, an infer submits a predict job.
+    ("GET", "/v2"): "read",
+    ("GET", "/v2/models/{name}"): "read",
+    ("GET", "/v2/models/{name}/versions/{version}"): "read",
+    ("GET", "/v2/models/{name}/ready"): "read",
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): "read",
+    ("POST", "/v2/models/{name}/infer"): "submit",
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): "submit",
 }
 
 

@@ -18,7 +18,12 @@ async def test_openapi_is_valid_and_covers_every_route(client):
     assert spec["openapi"].startswith("3.1")
     expected = {"/v1/models/load", "/v1/models/unload", "/v1/predict", "/v1/predict/batch", "/v1/jobs/{id}",
                 "/v1/jobs/{id}/events", "/v1/models", "/v1/stats", "/healthz", "/readyz", "/metrics",
-                "/openapi.json", "/docs", "/v1/keys", "/v1/keys/{name}", "/v1/dead-letters"}
+                "/openapi.json", "/docs", "/v1/keys", "/v1/keys/{name}", "/v1/dead-letters",
+                # the Open Inference Protocol (KServe v2)
+                "/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/{name}",
+                "/v2/models/{name}/versions/{version}", "/v2/models/{name}/ready",
+                "/v2/models/{name}/versions/{version}/ready", "/v2/models/{name}/infer",
+                "/v2/models/{name}/versions/{version}/infer"}
     assert expected == set(spec["paths"])
     # every route but the probes and the docs names how a key is sent, and answers 401 / 403 / 429
     assert set(spec["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}
@@ -31,6 +36,25 @@ async def test_openapi_is_valid_and_covers_every_route(client):
     assert predict["responses"]["202"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Accepted"}
     assert "cache_hit_ratio" in schemas["ServingStats"]["properties"]
+
+
+async def test_the_oip_routes_document_the_protocols_bodies_and_errors(client):
+    spec = await (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    assert paths["/v2/health/live"]["get"]["security"] == [] and paths["/v2/health/ready"]["get"]["security"] == []
+    assert "content" not in paths["/v2/health/live"]["get"]["responses"]["200"]  # an empty body
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert "`submit`" in infer["description"] and "`read`" in paths["/v2/models/{name}"]["get"]["description"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert infer["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/InferenceRequest"}
+    assert "Inference-Header-Content-Length" in {p["name"] for p in infer["parameters"]}
+    for status in ("404", "422", "504"):
+        assert infer["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/OipError"}
+    metadata = paths["/v2/models/{name}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert metadata == {"$ref": "#/components/schemas/ModelMetadata"}
+    assert "signature" in spec["components"]["schemas"]["StoredModel"]["properties"]
 
 
 def predict_op(spec: dict) -> dict:
