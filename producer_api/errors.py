@@ -10,7 +10,7 @@ traceback and answered as a 500 ``InternalError`` without leaking details.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -93,10 +93,21 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> FleetError:
     return err
 
 
-def error_response(err: FleetError, headers: dict[str, str] | None = None) -> web.Response:
-    """The one JSON error shape, with the error's HTTP status and headers."""
-    return web.json_response({"error": err.to_dict()}, status=err.http_status,
-                             headers={**err.http_headers(), **(headers or {})})
+def oip_error_body(err: FleetError) -> dict[str, Any]:
+    """``err`` as the Open Inference Protocol shapes errors (``/v2``): ``{"error": "<message>", type, ...}``; its
+    clients (tritonclient, KServe's) read ``error`` as a string."""
+    typed = err.to_dict()
+    return {"error": typed.pop("message"), **typed}
+
+
+def is_oip(request: web.Request) -> bool:
+    return request.path == "/v2" or request.path.startswith("/v2/")
+
+
+def error_response(err: FleetError, headers: dict[str, str] | None = None, oip: bool = False) -> web.Response:
+    """The one JSON error shape (the protocol's under ``/v2``), with the error's HTTP status and headers."""
+    body = oip_error_body(err) if oip else {"error": err.to_dict()}
+    return web.json_response(body, status=err.http_status, headers={**err.http_headers(), **(headers or {})})
 
 
 @web.middleware
@@ -108,12 +119,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:  # redirects and the like pass through untouched
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(_from_http(request, exc), headers)
+        return error_response(_from_http(request, exc), headers, oip=is_oip(request))
     except FleetError as exc:
-        return error_response(exc)
+        return error_response(exc, oip=is_oip(request))
     except UNAVAILABLE as exc:
         log.warning("%s %s: Redis or the broker is unreachable: %s", request.method, request.path, exc)
-        return error_response(BrokerUnavailableError(f"Redis or the broker cannot be reached now: {exc}"))
+        return error_response(BrokerUnavailableError(f"Redis or the broker cannot be reached now: {exc}"),
+                              oip=is_oip(request))
     except Exception:  # a true bug: log it with its traceback, answer without details
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(InternalError("internal error; the API logged the details"))
+        return error_response(InternalError("internal error; the API logged the details"), oip=is_oip(request))

@@ -162,12 +162,6 @@ class OipError(BaseModel):
     field: str | None = None
 
 
-def error_body(err: FleetError) -> dict[str, Any]:
-    """``err`` in the :class:`OipError` shape."""
-    typed = err.to_dict()
-    return {"error": typed.pop("message"), **typed}
-
-
 @dataclass(frozen=True)
 class StoredVersion:
     """One stored version of a model as the protocol describes it: its version, every version, its signature."""

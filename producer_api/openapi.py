@@ -168,7 +168,7 @@ def build_spec() -> dict[str, Any]:
             scope = ROUTE_SCOPES.get((method.upper(), path), "admin")
             op["description"] = f"Needs an API key with the `{scope}` scope (or `admin`)."
             for status in (401, 403, 429):
-                answered[status] = _response(status, ErrorResponse, refs)
+                answered[status] = _response(status, error, refs)
         answered[500] = _response(500, error, refs)
         op["responses"] = {str(s): r for s, r in sorted(answered.items())}
         paths.setdefault(path, {})[method] = op

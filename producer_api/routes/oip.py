@@ -3,14 +3,13 @@
 The translation lives in :mod:`producer_api.oip`; these handlers only decode, delegate and encode. An infer is a
 ``/v1/predict`` job: validated by :func:`~producer_api.enqueue.parse_job`, recorded and sent under the caller's key
 by :func:`~producer_api.enqueue.submit`, and awaited on the shared job watch for at most :data:`INFER_WAIT_S`; so
-it takes the same queues, batching, stats, scopes and rate limits. Errors a handler raises answer in the
-protocol's shape (:func:`producer_api.oip.error_body`).
+it takes the same queues, batching, stats, scopes and rate limits. Errors answer in the protocol's shape (the
+app's error middleware writes it for every ``/v2`` path: :func:`producer_api.errors.oip_error_body`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -26,13 +25,12 @@ from producer_api import oip
 from producer_api.body import MAX_WAIT_S, read_raw
 from producer_api.context import STORE_CHECK_TTL_S, ApiContext, ctx
 from producer_api.enqueue import parse_job, submit
-from producer_api.errors import UNAVAILABLE, Handler, PayloadTooLargeError
 from producer_api.fleetview import live_workers
 from producer_api.jobdoc import JobDocument
 from producer_api.routes import health
 from producer_api.security.principal import Principal, principal_of
 from producer_api.watch import JobWatch
-from shared.errors import BrokerUnavailableError, FleetError, InternalError
+from shared.errors import FleetError
 from shared.schemas import ModelKey
 
 log = logging.getLogger(__name__)
@@ -43,34 +41,6 @@ INFER_WAIT_S = MAX_WAIT_S
 #: (store root, model id, version or None) -> :class:`producer_api.oip.StoredVersion`: an infer reads the disk
 #: once per model per STORE_CHECK_TTL_S, as a predict does.
 _STORED: TTLCache = TTLCache(maxsize=4096, ttl=STORE_CHECK_TTL_S)
-
-
-def _error(err: FleetError) -> web.Response:
-    return web.json_response(oip.error_body(err), status=err.http_status, headers=err.http_headers())
-
-
-def oip_errors(handler: Handler) -> Handler:
-    """Answer what ``handler`` raises in the protocol's error shape, as the app's error middleware would in its own
-    (the same statuses; Redis outages are 503s, anything unexpected a logged 500)."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except FleetError as exc:
-            return _error(exc)
-        except UNAVAILABLE as exc:
-            log.warning("%s %s: Redis or the broker is unreachable: %s", request.method, request.path, exc)
-            return _error(BrokerUnavailableError(f"Redis or the broker cannot be reached now: {exc}"))
-        except web.HTTPException as exc:
-            if exc.status == 413:  # aiohttp's own, while reading a body over API_MAX_BODY_BYTES
-                return _error(PayloadTooLargeError(exc.text or "the request body is too large"))
-            raise
-        except Exception:  # a true bug: logged with its traceback, answered without details
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return _error(InternalError("internal error; the API logged the details"))
-
-    return wrapped
 
 
 def _json(model: BaseModel) -> web.Response:
@@ -116,7 +86,6 @@ async def server_live(request: web.Request) -> web.Response:
 
 
 @routes.get("/v2/health/ready")
-@oip_errors
 async def server_ready(request: web.Request) -> web.Response:
     """The check of ``/readyz`` (Redis answers, every configured pool has a live worker); 503 otherwise."""
     await health.readyz(request)
@@ -130,7 +99,6 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 @routes.get("/v2/models/{name}")
 @routes.get("/v2/models/{name}/versions/{version}")
-@oip_errors
 async def model_metadata(request: web.Request) -> web.Response:
     key, stored = await _stored(ctx(request), request.match_info["name"], request.match_info.get("version"))
     return _json(oip.ModelMetadata(name=key.model_id, versions=list(stored.versions),
@@ -139,7 +107,6 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 @routes.get("/v2/models/{name}/ready")
 @routes.get("/v2/models/{name}/versions/{version}/ready")
-@oip_errors
 async def model_ready(request: web.Request) -> web.Response:
     """200 when a live worker process holds the model loaded; 503 when none does (404 for a model not stored)."""
     c, version = ctx(request), request.match_info.get("version")
@@ -169,7 +136,6 @@ async def _run(c: ApiContext, job: Any, principal: Principal) -> JobDocument:
 
 @routes.post("/v2/models/{name}/infer")
 @routes.post("/v2/models/{name}/versions/{version}/infer")
-@oip_errors
 async def infer(request: web.Request) -> web.Response:
     c, principal, version = ctx(request), principal_of(request), request.match_info.get("version")
     key, stored = await _stored(c, request.match_info["name"], version)

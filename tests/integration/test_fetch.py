@@ -18,7 +18,7 @@ import redis as redis_lib
 from shared import celery_wire, routing, tasks
 from shared.keys import Keys
 from tests.helpers import wait_for
-from workers.engines.batching.fetch import UNACKED, UNACKED_INDEX, BatchFetcher, Fetched
+from workers.engines.batching.fetch import UNACKED, UNACKED_INDEX, BatchFetcher, Fetched, Waker
 from workers.executor.delivery import Begun
 
 pytestmark = pytest.mark.integration
@@ -179,14 +179,31 @@ def test_a_long_job_first_takes_nothing_else(env: Env) -> None:
     assert ids(batch) == [b1] and env.redis.llen(QUEUE) == 1 and env.record(b1)["status"] == "running"
 
 
-def test_a_long_job_popped_by_the_blocking_pop_takes_nothing_else(env: Env) -> None:
-    b1, p5 = env.job_id("b1"), env.job_id("p5")
-    env.push(tasks.BATCH_PREDICT, b1)
-    env.push(tasks.PREDICT, p5)
-    popped = env.redis.brpop(LISTS, timeout=1)[1]
-    batch = env.fetcher._run([popped])
-    assert ids(batch) == [b1] and env.redis.llen(QUEUE) == 1
+def test_a_message_that_arrives_while_the_fetch_waits_is_taken_at_once(env: Env) -> None:
+    job_id = env.job_id("late")
+    timer = threading.Timer(0.3, lambda: env.push(tasks.PREDICT, job_id, broker_priority=6))  # any of the lists
+    started = time.monotonic()
+    timer.start()
+    batch = env.fetcher.fetch(block_s=5)
+    took = time.monotonic() - started
+    assert ids(batch) == [job_id] and took < 2, took
     assert batch.begun == [Begun(batch.started_at, False, 1, False)] and set(env.held()) == set(env.unacked())
+    env.fetcher.close()
+
+
+def test_waiting_never_takes_a_message_out_of_redis(env: Env) -> None:
+    # The wait peeks (BLMOVE of a list onto itself): while it runs, a message is on its list or recorded as
+    # held, never only in this process (a BRPOP would take it out, and a process killed then would lose it).
+    job_id = env.job_id("peeked")
+    waker = Waker(env.redis, LISTS)
+    try:
+        assert not waker.wait(0.2)  # nothing queued: it waits out its timeout
+        env.push(tasks.PREDICT, job_id)
+        assert waker.wait(2) and env.redis.llen(LISTS[0]) + sum(env.redis.llen(k) for k in LISTS[1:]) == 1
+        assert waker.wait(2)  # level-triggered: still there, still wakes
+        assert ids(env.fetcher.fetch(block_s=0)) == [job_id]
+    finally:
+        waker.stop()
 
 
 def test_the_batch_is_at_most_max_messages(env: Env, redis_client) -> None:
@@ -290,12 +307,13 @@ def test_an_empty_queue_blocks_then_takes_what_arrives(env: Env, fleet_settings)
     started = time.monotonic()
     fetching.start()
     try:
-        wait_for(lambda: any(c.get("name") == name and c.get("cmd") == "brpop" for c in env.redis.client_list()),
-                 5, "the fetch to wait in BRPOP")
+        wait_for(lambda: any(c.get("name") == name and c.get("cmd") == "blmove" for c in env.redis.client_list()),
+                 5, "the fetch to wait (a blocking peek)")
         p4 = env.job_id("p4")
         tag, _ = env.push(tasks.PREDICT, p4)
     finally:
         fetching.join(6)
+        blocking.close()
         client.close()
     assert not fetching.is_alive() and time.monotonic() - started < 5  # woken by the message, not the timeout
     (batch,) = got

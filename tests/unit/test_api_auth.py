@@ -218,3 +218,9 @@ async def test_a_key_with_its_own_limit_and_limits_shared_by_replicas(aiohttp_cl
 def test_a_bad_rate_limit_setting_fails_at_start_up(settings, aredis, celery):
     with pytest.raises(ValueError):
         create_app(settings.model_copy(update={"api_rate_limit": "often"}), redis=aredis, celery_app=celery)
+
+
+async def test_auth_errors_under_v2_answer_in_the_protocol_s_shape(anon):
+    resp = await anon.post("/v2/models/AAPL_1h_patchtst/infer", json={"inputs": []})
+    body = await resp.json()
+    assert resp.status == 401 and body["type"] == "AuthenticationError" and isinstance(body["error"], str)

@@ -115,8 +115,12 @@ async def test_validation_names_the_field(client):
 
 
 async def test_unknown_route_and_method_use_the_json_shape(client):
-    resp = await client.get("/v2/nothing")
+    resp = await client.get("/v1/nothing")
     assert resp.status == 404 and (await resp.json())["error"]["type"] == "RouteNotFoundError"
+    # under /v2 the Open Inference Protocol's shape: "error" is the message (tritonclient reads a string)
+    resp = await client.get("/v2/nothing")
+    body = await resp.json()
+    assert resp.status == 404 and body["type"] == "RouteNotFoundError" and isinstance(body["error"], str)
     resp = await client.put("/v1/predict", json=PREDICT)
     assert resp.status == 405 and "POST" in resp.headers["Allow"]
     assert (await resp.json())["error"]["type"] == "MethodNotAllowedError"

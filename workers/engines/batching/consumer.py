@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from shared import routing
 from shared.celery_wire import message_ids, read_message
-from shared.errors import InvalidInputError, as_fleet_error
+from shared.errors import FleetError, InvalidInputError
 from shared.tasks import PREDICT
 from workers.engines.batching.fetch import BatchFetcher, Fetched
 from workers.engines.batching.redelivery import Redelivery, ack
@@ -68,8 +68,9 @@ class Consumer:
                 delivery = Delivery(msg.task_id, msg.task, msg.kwargs.get("job"), tag=msg.tag, queue=self.queue)
             except Exception as exc:
                 log.error("refused message %s (job %s): %s", tag, job_id, exc)
-                delivery = Delivery(job_id or "", "", None, tag=tag, refused=as_fleet_error(exc), queue=self.queue,
-                                    raw=raw)
+                refused = exc if isinstance(exc, FleetError) else InvalidInputError(
+                    f"the message cannot be read: {type(exc).__name__}: {exc}")
+                delivery = Delivery(job_id or "", "", None, tag=tag, refused=refused, queue=self.queue, raw=raw)
             if started is None:  # the fetch could not read it either: nothing recorded, nothing to ack
                 delivery.tag = None
                 delivery.raw = raw

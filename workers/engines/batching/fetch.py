@@ -20,9 +20,13 @@ refuse: an error inside the script would leave the messages popped before it nei
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import redis as redis_lib
 
 from shared.keys import Keys
 from shared.tasks import PREDICT
@@ -33,9 +37,13 @@ from workers.executor.delivery import Begun
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 UNACKED_MUTEX = "unacked_mutex"
+#: Seconds one blocking peek waits before it checks whether it should still wait (and whether to stop).
+PEEK_TIMEOUT_S = 1.0
+
+log = logging.getLogger(__name__)
 
 #: KEYS: the queue's priority lists in consume order, then the unacked hash, its index, this process's holdings.
-#: ARGV: max messages, now, the predict task name, begin's five constants, then messages already popped by BRPOP.
+#: ARGV: max messages, now, the predict task name, begin's five constants.
 #: Returns {messages, begun}: per message three numbers (begin's reply), or {-1, 0, 0} when it was not begun.
 _FETCH = BEGIN_LUA + """
 local n, now = tonumber(ARGV[1]), ARGV[2]
@@ -62,7 +70,6 @@ local function take(m)
   return h['task'] == ARGV[3]
 end
 local open = true
-for i = 9, #ARGV do open = take(ARGV[i]) and open end
 for i = 1, #KEYS - 3 do
   while open and #out < n do
     local m = redis.call('RPOP', KEYS[i])
@@ -84,6 +91,55 @@ class Fetched:
     begun: list[Begun | None]
 
 
+class Waker:
+    """Waits until a message is on any of a queue's lists, without taking it.
+
+    ``BLMOVE l l RIGHT RIGHT`` blocks until ``l`` is non-empty and then moves its last element onto its own end:
+    a no-op, atomically, so it is a blocking peek. A message is therefore never out of Redis between the wait and
+    the fetch script that takes it (a BRPOP would hold it in this process alone, and a process killed in that
+    instant would lose it). One thread per list, each on its own connection (BLMOVE watches one key); they peek
+    only while the consumer waits, so a busy consumer's queue does not spin them. Peeking is level-triggered:
+    a message that arrived just before :meth:`wait` wakes it at once.
+    """
+
+    def __init__(self, redis: Any, lists: Sequence[str]) -> None:
+        self._ready = threading.Event()
+        self._armed = threading.Event()
+        self._stop = threading.Event()
+        pool = redis.connection_pool
+        self._threads = [threading.Thread(target=self._watch, args=(redis_lib.Redis(connection_pool=pool), key),
+                                          name=f"fleet-waker-{i}", daemon=True) for i, key in enumerate(lists)]
+        for thread in self._threads:
+            thread.start()
+
+    def _watch(self, client: Any, key: str) -> None:
+        while not self._stop.is_set():
+            if not self._armed.wait(1.0):
+                continue
+            try:
+                found = client.blmove(key, key, PEEK_TIMEOUT_S, "RIGHT", "RIGHT")
+            except Exception as exc:  # Redis away: the consumer's own loop reports it; try again shortly
+                log.debug("waiting on %s failed: %s", key, exc)
+                self._stop.wait(1.0)
+                continue
+            if found is not None:
+                self._armed.clear()
+                self._ready.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True as soon as some list holds a message; False after ``timeout``."""
+        self._ready.clear()
+        self._armed.set()
+        try:
+            return self._ready.wait(timeout)
+        finally:
+            self._armed.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._armed.set()
+
+
 class BatchFetcher:
     """Fetches batches from one queue's lists for one worker process."""
 
@@ -95,10 +151,11 @@ class BatchFetcher:
         self.args = [PREDICT, *begin_args(keys, worker_id, record_ttl)]
         self.max_messages = max_messages
         self._script = redis.register_script(_FETCH)
+        self._waker: Waker | None = None
 
-    def _run(self, popped: Sequence[bytes] = ()) -> Fetched:
+    def _run(self) -> Fetched:
         now = time.time()
-        raws, begun = self._script(keys=self.keys, args=[self.max_messages, repr(now), *self.args, *popped])
+        raws, begun = self._script(keys=self.keys, args=[self.max_messages, repr(now), *self.args])
         return Fetched(list(raws), now, [None if int(b[0]) < 0 else parse_begun(b, now) for b in begun])
 
     def fetch(self, block_s: float = 1.0) -> Fetched:
@@ -106,7 +163,10 @@ class BatchFetcher:
         batch = self._run()
         if batch.raws or block_s <= 0:
             return batch
-        popped = self.redis.brpop(self.lists, timeout=block_s)  # wakes as soon as a message arrives
-        # NOTE: between this BRPOP and the script the message is in neither the queue nor the unacked hash; a
-        # worker killed in that instant loses it (kombu's own BRPOP consumer has the same window).
-        return self._run([popped[1]]) if popped is not None else batch
+        if self._waker is None:
+            self._waker = Waker(self.redis, self.lists)
+        return self._run() if self._waker.wait(block_s) else batch
+
+    def close(self) -> None:
+        if self._waker is not None:
+            self._waker.stop()
