@@ -81,8 +81,10 @@ class Reaper:
         if self._up_since is None:
             self._up_since = now
         # NOTE: heartbeats stop fleet-wide while Redis is away; right after it is back every node looks lost
-        # until it beats again. Wait a heartbeat interval (and a margin) of our own uptime before judging.
-        if now - self._up_since < WORKER_HEARTBEAT_INTERVAL_S * 2:
+        # until it beats again. Judge only once both this reaper and Redis itself have been up for longer than a
+        # node may be silent (a Redis restart this reaper never saw fail counts too).
+        settle = WORKER_HEARTBEAT_INTERVAL_S * 2
+        if now - self._up_since < settle or self._redis_uptime() < self.lost_after_s + settle:
             return 0
         holders = [h.decode() if isinstance(h, bytes) else h for h in self.redis.smembers(self.keys.delivery_holders())]
         sweep_due = self.visibility_timeout_s is not None and now >= self._next_sweep
@@ -120,6 +122,13 @@ class Reaper:
             pipe.hkeys(self.keys.worker_deliveries(holder))
         spare = frozenset(t.decode() if isinstance(t, bytes) else t for tags in pipe.execute() for t in tags)
         return self.redelivery.sweep(self.visibility_timeout_s, spare)
+
+    def _redis_uptime(self) -> float:
+        """Seconds Redis has been up (``INFO server``); infinity where INFO is not allowed (managed Redis)."""
+        try:
+            return float(self.redis.info("server")["uptime_in_seconds"])
+        except Exception:
+            return float("inf")
 
     def _live_nodes(self) -> set[str]:
         ids = self.redis.zrangebyscore(self.keys.workers(), time.time() - self.lost_after_s, "+inf")

@@ -85,3 +85,14 @@ def test_the_sweep_gives_back_only_what_no_live_worker_holds(redis):
     reaper._up_since = time.monotonic() - 3600
     assert reaper.run_once() == 2  # the lost worker's, then the orphan
     assert redis.hexists(UNACKED, "long-job") and not redis.hexists(UNACKED, "orphan")
+
+
+def test_nothing_is_reaped_right_after_redis_itself_restarted(redis, monkeypatch):
+    # every heartbeat is stale after a Redis restart, whether or not this reaper saw the outage
+    hold(redis, "live@host|12", "t1", time.time() - 100)
+    redis.zadd(KEYS.workers(), {"live@host|12": time.time() - 40})  # its last beat before the outage
+    reaper = ready_reaper(redis)
+    monkeypatch.setattr(redis, "info", lambda section=None: {"uptime_in_seconds": 3})
+    assert reaper.run_once() == 0 and redis.hexists(UNACKED, "t1")
+    monkeypatch.setattr(redis, "info", lambda section=None: {"uptime_in_seconds": 3600})
+    assert reaper.run_once() == 1  # a node silent that long with Redis up all along is lost
