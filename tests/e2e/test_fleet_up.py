@@ -373,7 +373,7 @@ ERROR_CASES = [
     ("POST", "/v1/predict", b"[" * 10 + b"0" + b"]" * 10 + b" " * (9 * 1024 * 1024), 413,
      "PayloadTooLargeError", None),
     ("GET", "/v1/predict", None, 405, "MethodNotAllowedError", None),
-    ("GET", "/v2/nothing", None, 404, "RouteNotFoundError", None),
+    ("GET", "/v1/nothing", None, 404, "RouteNotFoundError", None),  # (/v2 answers in the OIP shape)
 ]
 
 
