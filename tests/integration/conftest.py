@@ -153,6 +153,47 @@ class WorkerProcess:
         self.log.close()
 
 
+class ApiProcess:
+    """A real ``fleet api`` process on a free loopback port, ready once ``ready_path`` answers 200."""
+
+    def __init__(self, settings: FleetSettings, log_path: Path, ready_path: str = "/readyz") -> None:
+        import urllib.request
+
+        from tests.helpers import free_port
+
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.url = f"http://{self.address}"
+        self.proc = subprocess.Popen(fleet_cmd("api", "--host", "127.0.0.1", "--port", self.address.split(":")[1]),
+                                     env=fleet_env(settings), stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fleet api exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}{ready_path}", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_for(ready, 60, "fleet api to be ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        self.log.close()
+
+    def unhandled_errors(self) -> list[str]:
+        """Lines where the API logged a true bug (a 500); a clean run has none."""
+        return [line for line in self.log_path.read_text().splitlines() if "unhandled error" in line]
+
+
 #: The two worker engines: every contract test runs on both (dramatiq-style backend fixtures).
 ENGINES = ["batching", "celery"]
 

@@ -10,9 +10,6 @@ must be 401, never a 5xx).
 from __future__ import annotations
 
 import json
-import subprocess
-import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import msgpack
@@ -25,8 +22,7 @@ from schemathesis.specs.openapi.checks import ignored_auth
 
 from producer_api.openapi import build_spec
 from shared.settings import FleetSettings
-from tests.helpers import fleet_cmd, free_port, wait_for
-from tests.integration.conftest import WorkerProcess, fleet_env
+from tests.integration.conftest import ApiProcess, WorkerProcess
 
 #: Examples per operation and key state: bounded so that the run fits CI (~30 s for the two passes here).
 EXAMPLES_PER_OPERATION = 40
@@ -53,31 +49,18 @@ FUZZ = fuzz_settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derando
 def live_api(fleet_settings: FleetSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logs = tmp_path_factory.mktemp("fuzz")
     worker = WorkerProcess(fleet_settings, logs / "worker.log")
-    port = free_port()
-    log = open(logs / "api.log", "w")
-    api = subprocess.Popen(fleet_cmd("api", "--host", "127.0.0.1", "--port", str(port)),
-                           env=fleet_env(fleet_settings), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if api.poll() is not None:
-            raise AssertionError(f"fleet api exited:\n{Path(log.name).read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(ready, 60, "fleet api to be ready")
-        yield url
+        api = ApiProcess(fleet_settings, logs / "api.log")
+    except BaseException:
+        worker.stop()
+        raise
+    try:
+        yield api.url
     finally:
-        api.terminate()
-        api.wait(15)
-        log.close()
+        api.stop()
         worker.stop()
         print(f"\nschemathesis cases run: {CASES} ({sum(CASES.values())} in all)")
-        server_errors = [line for line in Path(log.name).read_text().splitlines() if "unhandled error" in line]
+        server_errors = api.unhandled_errors()
         assert not server_errors, "the API logged unhandled errors:\n" + "\n".join(server_errors[:20])
 
 

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -15,8 +12,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from shared.settings import FleetSettings
-from tests.helpers import fleet_cmd, free_port, wait_for
-from tests.integration.conftest import WorkerProcess, fleet_env
+from tests.helpers import wait_for
+from tests.integration.conftest import ApiProcess, WorkerProcess
 from workers.training.synthetic import generate_bars
 
 pytestmark = pytest.mark.integration
@@ -40,30 +37,17 @@ def fleet_api(fleet_settings: FleetSettings, tmp_path_factory: pytest.TempPathFa
     """
     logs = tmp_path_factory.mktemp("oip")
     worker = WorkerProcess(fleet_settings, logs / "worker.log")
-    port = free_port()
-    log = open(logs / "api.log", "w")
-    api = subprocess.Popen(fleet_cmd("api", "--host", "127.0.0.1", "--port", str(port)),
-                           env=fleet_env(fleet_settings), stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if api.poll() is not None:
-            raise AssertionError(f"fleet api exited:\n{Path(log.name).read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://{address}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(ready, 60, "fleet api to be ready")
-        yield address
-    finally:
-        api.terminate()
-        api.wait(15)
-        log.close()
+        api = ApiProcess(fleet_settings, logs / "api.log", ready_path="/v2/health/ready")
+    except BaseException:
         worker.stop()
-        errors = [line for line in Path(log.name).read_text().splitlines() if "unhandled error" in line]
+        raise
+    try:
+        yield api.address
+    finally:
+        api.stop()
+        worker.stop()
+        errors = api.unhandled_errors()
         assert not errors, "the API logged unhandled errors:\n" + "\n".join(errors[:20])
 
 
