@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from bench import host
 from bench import config
 from bench.config import BATCH_JOB_CONCURRENCY, BATCH_JOB_SIZE, OPEN_LOOP_FRACTION, SATURATION_CONCURRENCY, RunMode
 from bench.procs import core_split, install_cleanup, orphans, stop_all
@@ -96,32 +94,12 @@ class Runner:
                               len(server_cpus or ()) + len(client_cpus)}
         return ctx
 
-    def _machine(self) -> dict[str, Any]:
-        import torch
-
-        def git(*args: str) -> str:
-            try:
-                return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                      cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
-                return ""
-        cpu = ""
-        try:
-            cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("model name")), "")
-        except OSError:
-            pass
-        return {"host": socket.gethostname(), "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-                "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-                "loadavg_start": os.getloadavg()}
-
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         install_cleanup()
         started = time.monotonic()
         workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-        self.meta.update(self._machine(), mode=self.mode.name, mode_notes=list(self.mode.notes),
+        self.meta.update(host.machine(), mode=self.mode.name, mode_notes=list(self.mode.notes),
                          started_at=time.strftime("%Y-%m-%d %H:%M:%S %z"), workdir=str(workdir))
         ok = False
         try:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import time
 import traceback
@@ -27,6 +24,7 @@ from typing import Any, Callable
 
 import redis
 
+from bench import host
 from bench.chaos import tally
 from bench.chaos.fleet import PREFIX, QUEUE, AofRedis, FleetApi, FleetWorker, fleet_env, node_of, pid_of
 from bench.chaos.plan import ChaosMode, Step, planned_seconds, submit_rate, timeline
@@ -39,28 +37,6 @@ WORKER_LOST_AFTER_S = 5
 JOB_MAX_DELIVERIES = 3
 #: The poison job: a batch of the reference model, long enough (seconds) that its process is caught running it.
 POISON_ITEMS, POISON_STEPS = 100, 1024
-
-
-def machine() -> dict[str, Any]:
-    """Host, CPU, versions and the commit the run measured (with whether the tree had uncommitted changes)."""
-    import torch
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-            "loadavg_start": os.getloadavg()}
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
@@ -90,7 +66,7 @@ class ChaosRun:
         install_cleanup()
         started = time.monotonic()
         workdir = Path(tempfile.mkdtemp(prefix="fleet-chaos-"))
-        self.meta.update(machine(), mode=self.mode.name, mode_notes=list(self.mode.notes), engine=self.engine,
+        self.meta.update(host.machine(), mode=self.mode.name, mode_notes=list(self.mode.notes), engine=self.engine,
                          started_at=time.strftime("%Y-%m-%d %H:%M:%S %z"), workdir=str(workdir))
         ok = False
         try:
