@@ -23,6 +23,7 @@ from producer_api.records import JobRecords
 from producer_api.security.keystore import KeyStore, load_static_keys
 from producer_api.security.middleware import Guard, auth_middleware
 from producer_api.security.ratelimit import RateLimits
+from producer_api.service.streams import SocketSlots
 from producer_api.watch import JobChannels
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -100,7 +101,8 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     channels = JobChannels(redis, keys.api_watch_idle())
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
                           records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,
-                          metrics=ApiMetrics(), keystore=keystore)
+                          metrics=ApiMetrics(), keystore=keystore, guard=guard,
+                          streams=SocketSlots(settings.api_max_websockets, settings.api_max_websockets_per_key))
     for table in routes.tables(settings):
         app.add_routes(table)
     app.on_shutdown.append(_close_websockets)

@@ -12,6 +12,7 @@ from cachetools import TTLCache
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
 from producer_api.security.keystore import KeyStore
+from producer_api.service.streams import SocketSlots
 from producer_api.watch import JobChannels
 from shared.keys import Keys
 from shared.settings import FleetSettings
@@ -34,6 +35,9 @@ class ApiContext:
         channels: The shared pub/sub connection that job watches (``?wait``, event sockets) subscribe on.
         metrics: The app's own Prometheus registry and metrics.
         keystore: API keys (``/v1/keys`` manages them; the auth middleware checks them).
+        guard: What the auth middleware and the gRPC interceptor check keys and rate limits with (None with
+            ``API_AUTH_ENABLED=false``).
+        streams: Open event streams (WebSockets and gRPC ``WatchJob``), capped per key and per process.
         websockets: Open event sockets, closed on shutdown.
         models_seen: ``(model id, version)`` found in the store lately: a predict checks the disk once per
             model per :data:`STORE_CHECK_TTL_S`, not once per request.
@@ -47,6 +51,8 @@ class ApiContext:
     channels: JobChannels
     metrics: ApiMetrics
     keystore: KeyStore
+    guard: Any
+    streams: SocketSlots
     websockets: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     models_seen: TTLCache = field(default_factory=lambda: TTLCache(maxsize=4096, ttl=STORE_CHECK_TTL_S))
 

@@ -1,7 +1,8 @@
 """WebSocket ``/v1/jobs/{id}/events``: the job document now, then at each change, closed after the final one.
 
-Sockets are bounded: ``API_MAX_WEBSOCKETS_PER_KEY`` per API key (429 before the upgrade) and
-``API_MAX_WEBSOCKETS`` per API process (503), and each is closed after ``API_WEBSOCKET_MAX_SECONDS`` or when its
+Sockets are bounded, together with gRPC ``WatchJob`` streams (:mod:`producer_api.service.streams`):
+``API_MAX_WEBSOCKETS_PER_KEY`` per API key (429 before the upgrade) and ``API_MAX_WEBSOCKETS`` per API process
+(503), and each is closed after ``API_WEBSOCKET_MAX_SECONDS`` or when its
 job's record expires, so that no socket holds a subscription (and a re-read every few seconds) forever.
 """
 
@@ -9,88 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections import Counter
-from contextlib import contextmanager
-from typing import Iterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from producer_api.context import ctx
 from producer_api.jobdoc import JobDocument
-from producer_api.security.principal import Principal, principal_of
+from producer_api.security.principal import principal_of
 from producer_api.watch import JobWatch
-from shared.errors import FleetError, JobNotFoundError
+from shared.errors import JobNotFoundError
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 #: Seconds between pings, so that a vanished client is noticed and its subscription dropped.
 HEARTBEAT_S = 30.0
-
-
-class TooManySocketsError(FleetError):
-    """The API key holds ``API_MAX_WEBSOCKETS_PER_KEY`` event sockets already; close one first."""
-
-    http_status = 429
-    retryable = True
-
-
-class SocketsExhaustedError(FleetError):
-    """This API process holds ``API_MAX_WEBSOCKETS`` event sockets already; retry later."""
-
-    http_status = 503
-    retryable = True
-
-
-class SocketSlots:
-    """Open event sockets of one app, counted overall and per key.
-
-    A slot is taken before anything is awaited (the check and the count are one step), so that concurrent
-    upgrades cannot overshoot the caps. Without authentication every caller is the same anonymous one: only the
-    overall cap applies then.
-    """
-
-    def __init__(self, total: int, per_key: int) -> None:
-        self.total = total
-        self.per_key = per_key
-        self.held: Counter[str] = Counter()
-
-    @contextmanager
-    def hold(self, principal: Principal) -> Iterator[None]:
-        """Hold one slot for ``principal`` while the block runs.
-
-        Raises:
-            TooManySocketsError: the key's cap is reached (429).
-            SocketsExhaustedError: the process's cap is reached (503).
-        """
-        name = principal.name
-        if principal.authenticated and self.held[name] >= self.per_key:
-            raise TooManySocketsError(f"API key {name!r} holds {self.held[name]} event sockets, the most "
-                                      f"API_MAX_WEBSOCKETS_PER_KEY allows; close one first")
-        if sum(self.held.values()) >= self.total:
-            raise SocketsExhaustedError(f"this API process holds {self.total} event sockets, the most "
-                                        "API_MAX_WEBSOCKETS allows; retry later")
-        self.held[name] += 1
-        try:
-            yield
-        finally:
-            self.held[name] -= 1
-            if not self.held[name]:
-                del self.held[name]
-
-
-# NOTE: one per app, made on its first socket: the app is frozen by then and takes no new state of its own.
-_SLOTS: weakref.WeakKeyDictionary[web.Application, SocketSlots] = weakref.WeakKeyDictionary()
-
-
-def slots_of(request: web.Request) -> SocketSlots:
-    """The socket slots of the app serving ``request``."""
-    slots = _SLOTS.get(request.app)
-    if slots is None:
-        settings = ctx(request).settings
-        slots = _SLOTS[request.app] = SocketSlots(settings.api_max_websockets, settings.api_max_websockets_per_key)
-    return slots
 
 
 async def _send_changes(ws: web.WebSocketResponse, watch: JobWatch, first: JobDocument) -> None:
@@ -124,7 +57,7 @@ async def _close(ws: web.WebSocketResponse, sender: asyncio.Task, done: set[asyn
 @routes.get("/v1/jobs/{id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
     c, principal = ctx(request), principal_of(request)
-    with slots_of(request).hold(principal):  # 429 / 503 before anything else, the upgrade included
+    with c.streams.hold(principal):  # 429 / 503 before anything else, the upgrade included
         async with JobWatch(c.channels, c.records, request.match_info["id"], principal) as watch:
             # Subscribed before reading, and read before upgrading: an unknown job is a plain JSON 404.
             first = await watch.current()

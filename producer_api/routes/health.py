@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from producer_api import fleetview
 from producer_api.context import ctx
-from producer_api.errors import NotReadyError
 from producer_api.metrics import CONTENT_TYPE
 from producer_api.responses import Health
-from shared import routing
+from producer_api.service.health import readiness
 
 routes = web.RouteTableDef()
 metrics_routes = web.RouteTableDef()
@@ -24,20 +22,8 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Redis answers, and every configured pool (``POOLS``) has a live worker consuming its queue."""
-    c = ctx(request)
-    await c.redis.ping()  # unreachable Redis -> 503 BrokerUnavailableError through the middleware
-    try:
-        required = routing.pools_from_spec(c.settings.pools)
-    except ValueError as exc:
-        raise NotReadyError(f"POOLS is invalid: {exc}", field="pools") from None
-    by_queue, unhealthy = await fleetview.workers_by_queue(c.redis, c.keys)
-    missing = [queue for queue in required if not by_queue.get(queue)]
-    if missing:
-        why = [f"{queue}: " + ("; ".join(f"{w} unhealthy: {r}" for w, r in unhealthy[queue].items())
-                               if unhealthy.get(queue) else "no live worker")
-               for queue in missing]
-        raise NotReadyError(f"pools not ready: {' | '.join(why)}", field="pools")
-    return web.json_response(Health(status="ready", workers={q: len(by_queue[q]) for q in required}).model_dump())
+    workers = await readiness(ctx(request))
+    return web.json_response(Health(status="ready", workers=workers).model_dump())
 
 
 @metrics_routes.get("/metrics")

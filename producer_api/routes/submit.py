@@ -3,38 +3,25 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-
 from aiohttp import web
 
 from producer_api.body import read_body, wait_param
 from producer_api.context import ctx
-from producer_api.enqueue import ROW_FIELDS, parse_job, submit
-from producer_api.jobdoc import JobDocument
+from producer_api.enqueue import ROW_FIELDS, parse_job
 from producer_api.responses import Accepted, json_document
 from producer_api.security.principal import principal_of
-from producer_api.watch import JobWatch
+from producer_api.service import jobs
 
 routes = web.RouteTableDef()
 
 
 async def enqueue(request: web.Request, kind: str) -> web.Response:
     """Validate, enqueue and optionally wait for one ``kind`` job."""
-    c, principal = ctx(request), principal_of(request)
+    c = ctx(request)
     wait = wait_param(request)  # before enqueueing: a bad ?wait must not leave a job behind
     job = parse_job(c, kind, await read_body(request, row_field=ROW_FIELDS.get(kind)))
-    if wait is None:
-        job_id, _ = await submit(c, kind, job, principal)
-        return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
-    job_id = str(uuid.uuid4())
-    # Subscribed (and confirmed) before the job exists: its end cannot slip by unseen.
-    async with JobWatch(c.channels, c.records, job_id, principal) as watch:
-        _, enqueued_at = await submit(c, kind, job, principal, job_id)
-        queued = JobDocument(job_id=job_id, kind=kind, status="queued")
-        doc, _ = await watch.until_final(wait, first=queued)
-    if doc.final:
-        c.metrics.job_latency.labels(kind=kind).observe(max(0.0, time.time() - enqueued_at))
+    job_id, doc = await jobs.enqueue(c, kind, job, principal_of(request), wait)
+    if doc is not None:
         return json_document(doc)
     return web.json_response(Accepted.for_job(job_id).model_dump(), status=202)
 

@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 
 from producer_api import oip
 from producer_api.app import create_app
-from producer_api.routes import oip as oip_routes
+from producer_api.service import inference as oip_service
 from shared import tasks
 from shared.errors import InvalidInputError
 from shared.schemas import ModelInfo, ModelKey
@@ -302,7 +302,7 @@ async def test_a_failed_job_answers_its_typed_error(client, celery, sredis, outc
 
 
 async def test_an_infer_that_does_not_end_in_time_is_504_naming_its_job(client, celery, monkeypatch):
-    monkeypatch.setattr(oip_routes, "INFER_WAIT_S", 0.2)
+    monkeypatch.setattr(oip_service, "INFER_WAIT_S", 0.2)
     started = time.perf_counter()
     resp = await post_infer(client, FORECASTER, [tensor_input("series", SERIES, "FP32", True)])
     body = await oip_error(resp, 504)

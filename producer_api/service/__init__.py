@@ -1,0 +1,1 @@
+"""What the API does, whatever the transport: REST routes and gRPC services decode, call these, and encode."""
