@@ -105,6 +105,10 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
                           streams=SocketSlots(settings.api_max_websockets, settings.api_max_websockets_per_key))
     for table in routes.tables(settings):
         app.add_routes(table)
+    if settings.api_grpc_port is not None:
+        from producer_api.grpc.server import attach
+
+        attach(app, settings.api_grpc_host, settings.api_grpc_port)
     app.on_shutdown.append(_close_websockets)
 
     async def _close_clients(app: web.Application) -> None:

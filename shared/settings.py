@@ -216,6 +216,11 @@ class FleetSettings(BaseSettings):
     """An event socket is closed after this long even if its job has not ended."""
     api_max_result_values: int = Field(2_000_000, ge=1)
     """Largest result a job may ask for (items x n_steps x channels numbers); larger jobs are refused with 422."""
+    api_grpc_port: int | None = Field(None, ge=0, le=65535)
+    """Serve gRPC (the Open Inference Protocol's ``GRPCInferenceService``, the fleet's ``JobService``, health) on
+    this port beside the HTTP API (0: any free port); unset, no gRPC. ``fleet api --grpc-port`` sets it."""
+    api_grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (loopback unless asked: ``0.0.0.0`` in a container)."""
     api_url: str = "http://127.0.0.1:8000"
     """Where the CLI's producer commands (``fleet predict``, ``fleet jobs``, ``fleet stats``) reach the API."""
     fleet_api_key: SecretStr | None = None

@@ -2,7 +2,9 @@
 
 Which scope each route needs is decided here, in :data:`ROUTE_SCOPES`, for the whole API; a route missing from
 the table needs ``admin`` (a new route is closed until someone decides otherwise, and a unit test lists every
-route against the table). Keys come as ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``.
+route against the table). Keys come as ``X-API-Key: <key>`` or ``Authorization: Bearer <key>`` (gRPC: the
+same names as metadata; :mod:`producer_api.grpc.auth` checks gRPC methods against the same table through
+:data:`GRPC_ROUTES`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from aiohttp import web
 
 from producer_api.errors import Handler
 from producer_api.security.keystore import KeyStore
-from producer_api.security.principal import ANONYMOUS, PRINCIPAL_KEY, Scope
+from producer_api.security.principal import ANONYMOUS, PRINCIPAL_KEY, Principal, Scope
 from producer_api.security.ratelimit import RateLimits
 from shared.errors import AuthenticationError, PermissionDeniedError
 
@@ -48,6 +50,27 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v2/models/{name}/infer"): "submit",
     ("POST", "/v2/models/{name}/versions/{version}/infer"): "submit",
 }
+#: gRPC method -> the REST route it is the twin of, whose scope (or publicity) it takes: one table decides both.
+#: The job service's ``Submit`` takes the route of the job's kind (:data:`SUBMIT_ROUTES`), known once its request
+#: is read; every method the gRPC server serves is listed here or there (a unit test checks).
+GRPC_ROUTES: dict[str, tuple[str, str]] = {
+    "/inference.GRPCInferenceService/ServerLive": ("GET", "/v2/health/live"),
+    "/inference.GRPCInferenceService/ServerReady": ("GET", "/v2/health/ready"),
+    "/inference.GRPCInferenceService/ServerMetadata": ("GET", "/v2"),
+    "/inference.GRPCInferenceService/ModelMetadata": ("GET", "/v2/models/{name}"),
+    "/inference.GRPCInferenceService/ModelReady": ("GET", "/v2/models/{name}/ready"),
+    "/inference.GRPCInferenceService/ModelInfer": ("POST", "/v2/models/{name}/infer"),
+    "/finsight.fleet.v1.JobService/GetJob": ("GET", "/v1/jobs/{id}"),
+    "/finsight.fleet.v1.JobService/WatchJob": ("GET", "/v1/jobs/{id}/events"),
+    "/finsight.fleet.v1.JobService/CancelJob": ("DELETE", "/v1/jobs/{id}"),
+}
+#: Job kind -> the submission route whose scope a gRPC ``Submit`` of that kind needs.
+SUBMIT_ROUTES: dict[str, tuple[str, str]] = {
+    "load": ("POST", "/v1/models/load"),
+    "unload": ("POST", "/v1/models/unload"),
+    "predict": ("POST", "/v1/predict"),
+    "batch_predict": ("POST", "/v1/predict/batch"),
+}
 
 
 def route_of(request: web.Request) -> tuple[str, str] | None:
@@ -79,6 +102,36 @@ class Guard:
     limits: RateLimits | None
 
 
+async def authenticate(guard: Guard, secret: str | None) -> Principal:
+    """The principal a presented key stands for.
+
+    Raises:
+        AuthenticationError: no key, or an unknown or revoked one (401).
+    """
+    if secret is None:
+        raise AuthenticationError("this route needs an API key: send 'X-API-Key: <key>' or "
+                                  "'Authorization: Bearer <key>'")
+    principal = await guard.keys.authenticate(secret)
+    if principal is None:
+        raise AuthenticationError("the API key is not valid (unknown or revoked)")
+    return principal
+
+
+async def admit(guard: Guard, principal: Principal, route: tuple[str, str]) -> None:
+    """Let ``principal`` call ``route`` (or the gRPC method that is its twin): its scope, then its rate limit.
+
+    Raises:
+        PermissionDeniedError: the key lacks the route's scope (403).
+        RateLimitedError: the key is over its rate limit (429).
+    """
+    scope = ROUTE_SCOPES.get(route, "admin")
+    if not principal.allows(scope):
+        raise PermissionDeniedError(f"API key {principal.name!r} lacks the {scope!r} scope that "
+                                    f"{route[0]} {route[1]} needs", field="scope")
+    if guard.limits is not None:
+        await guard.limits.hit(principal, scope)
+
+
 def auth_middleware(guard: Guard | None) -> web.middleware:
     """The middleware; with ``guard`` None (``API_AUTH_ENABLED=false``) every caller is :data:`ANONYMOUS`."""
 
@@ -89,19 +142,8 @@ def auth_middleware(guard: Guard | None) -> web.middleware:
             # NOTE: an unmatched path goes on to its plain 404 / 405; it reaches no handler of ours.
             request[PRINCIPAL_KEY] = ANONYMOUS
             return await handler(request)
-        secret = presented_key(request)
-        if secret is None:
-            raise AuthenticationError("this route needs an API key: send 'X-API-Key: <key>' or "
-                                      "'Authorization: Bearer <key>'")
-        principal = await guard.keys.authenticate(secret)
-        if principal is None:
-            raise AuthenticationError("the API key is not valid (unknown or revoked)")
-        scope = ROUTE_SCOPES.get(route, "admin")
-        if not principal.allows(scope):
-            raise PermissionDeniedError(f"API key {principal.name!r} lacks the {scope!r} scope that "
-                                        f"{route[0]} {route[1]} needs", field="scope")
-        if guard.limits is not None:
-            await guard.limits.hit(principal, scope)
+        principal = await authenticate(guard, presented_key(request))
+        await admit(guard, principal, route)
         request[PRINCIPAL_KEY] = principal
         return await handler(request)
 
