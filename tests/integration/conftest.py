@@ -154,7 +154,8 @@ class WorkerProcess:
 
 
 class ApiProcess:
-    """A real ``fleet api`` process on a free loopback port, ready once ``ready_path`` answers 200."""
+    """A real ``fleet api`` process on free loopback ports (HTTP, and gRPC at :attr:`grpc_address`), ready once
+    ``ready_path`` answers 200."""
 
     def __init__(self, settings: FleetSettings, log_path: Path, ready_path: str = "/readyz") -> None:
         import urllib.request
@@ -165,7 +166,9 @@ class ApiProcess:
         self.log = open(log_path, "w")
         self.address = f"127.0.0.1:{free_port()}"
         self.url = f"http://{self.address}"
-        self.proc = subprocess.Popen(fleet_cmd("api", "--host", "127.0.0.1", "--port", self.address.split(":")[1]),
+        self.grpc_address = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(fleet_cmd("api", "--host", "127.0.0.1", "--port", self.address.split(":")[1],
+                                               "--grpc-port", self.grpc_address.split(":")[1]),
                                      env=fleet_env(settings), stdout=self.log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
