@@ -111,12 +111,15 @@ def _run_demo(api: str, key: str) -> None:
 
 @click.command()
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="API port.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port of the API (Open Inference Protocol, job service, health; 0: any free port).")
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(0, 65535),
               help="Flower port (0: any free port).")
 @click.option("--concurrency", "-c", type=int, default=None, help="Worker processes (default: one per core).")
 @click.option("--demo", is_flag=True, help="Send a predict and a batch job once the fleet is up, print results.")
 @click.option("--exit-after-demo", is_flag=True, help="With --demo: stop the fleet after the demo.")
-def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_after_demo: bool) -> None:
+def up(port: int, grpc_port: int, flower_port: int, concurrency: int | None, demo: bool,
+       exit_after_demo: bool) -> None:
     """Run the whole fleet locally: Redis (embedded unless REDIS_URL is set), API, a CPU worker pool, Flower."""
     from producer_api.cli.credentials import (FLOWER_USER, api_key_file, ensure_flower_password,
                                               ensure_local_admin_key, flower_password_file)
@@ -145,11 +148,13 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
         key = ensure_local_admin_key(settings.model_copy(update={"redis_url": redis_url}))
         flower_password = ensure_flower_password()
         flower_port = flower_port if flower_port and _port_free(flower_port) else free_port()
+        grpc_port = grpc_port if grpc_port and _port_free(grpc_port) else free_port()
         worker_args = ["worker", "--adapter", "simple", "--device", "cpu"]
         if concurrency:
             worker_args += ["-c", str(concurrency)]
         children["worker"] = Child("worker", fleet_argv(*worker_args), env, logs / "worker.log")
-        children["api"] = Child("api", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port)), env,
+        children["api"] = Child("api", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port),
+                                                   "--grpc-port", str(grpc_port)), env,
                                 logs / "api.log")
         # NOTE: in the environment, not on the command line, where any local user's `ps` would show it.
         flower_env = dict(env, FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{flower_password}")
@@ -158,7 +163,8 @@ def up(port: int, flower_port: int, concurrency: int | None, demo: bool, exit_af
         api = f"http://127.0.0.1:{port}"
         _wait_ready(api, list(children.values()), timeout=120)
         console.print(Panel.fit(
-            f"API      {api}  (docs: {api}/docs)\nAPI key  {key}\n         (admin; also in {api_key_file()}, "
+            f"API      {api}  (docs: {api}/docs)\ngRPC     127.0.0.1:{grpc_port}  (Open Inference Protocol, "
+            f"job service)\nAPI key  {key}\n         (admin; also in {api_key_file()}, "
             f"which fleet predict / jobs / stats read)\n"
             f"Flower   http://127.0.0.1:{flower_port}  (user {FLOWER_USER}, password {flower_password}; "
             f"in {flower_password_file()})\n"

@@ -180,6 +180,11 @@ class FleetUp:
         found = self.printed(r"Flower\s+(http://[\w.:]+)", "Flower URL")
         return found.group(1)
 
+    @property
+    def grpc_address(self) -> str:
+        """The API's gRPC ``host:port`` as the start-up panel prints it."""
+        return self.printed(r"gRPC\s+([\d.]+:\d+)", "gRPC address").group(1)
+
     def printed(self, pattern: str, what: str) -> re.Match:
         """``pattern`` in the start-up panel, waiting for it: /readyz answers before the panel is printed."""
         try:
@@ -264,7 +269,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fleet(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[FleetUp]:
     """``fleet up -c 2`` on free ports with an embedded Redis; stopped with Ctrl-C at the end of the session."""
     up = FleetUp(tmp_path_factory.mktemp("state-home"), model_store, free_port(),
-                 "--flower-port", str(free_port()), "-c", "2")
+                 "--flower-port", str(free_port()), "--grpc-port", str(free_port()), "-c", "2")
     up.wait_ready()
     yield up
     try:

@@ -185,6 +185,25 @@ async def test_every_v1_route_needs_the_key_fleet_up_printed(fleet: FleetUp, api
             assert resp.status == 200
 
 
+def test_tritonclient_grpc_forecasts_through_the_fleet(fleet: FleetUp):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(fleet.grpc_address)
+    try:
+        headers = {"x-api-key": fleet.api_key}
+        assert client.is_server_ready()
+        meta = client.get_model_metadata(MODEL_ID, headers=headers, as_json=True)
+        assert meta["inputs"][0]["shape"] == ["-1", "5"]
+        series = np.ascontiguousarray(generate_bars("AAPL", "1h", n_bars=300, seed=5).values[-200:], dtype="<f4")
+        tensor = grpcclient.InferInput("series", list(series.shape), "FP32")
+        tensor.set_data_from_numpy(series)
+        result = client.infer(MODEL_ID, [tensor], headers=headers, parameters={"n_steps": 12})
+        predictions = result.as_numpy("predictions")
+        assert predictions.shape == (12, 5) and np.isfinite(predictions).all()
+    finally:
+        client.close()
+
+
 async def test_load_job_loads_the_model(api):
     job_id = await submit(api, "/v1/models/load", MODEL)
     doc = await document(api, job_id, wait=30)
