@@ -16,9 +16,10 @@ from bench.stats import ratio
 DEFAULT_ENGINE = "batching"
 
 Record = dict[str, Any]
-SYSTEM_ORDER = ("a", "b", "b2", "c", "d", "e", "f")
+SYSTEM_ORDER = ("a", "b", "b2", "c", "d", "g", "e", "h", "f")
 SYSTEM_LABELS = {"a": "(a) in-process", "b": "(b) plain Celery", "b2": "(b2) celery-batches",
-                 "c": "(c) fleet / Celery", "d": "(d) fleet / HTTP", "e": "(e) Triton", "f": "(f) TorchServe"}
+                 "c": "(c) fleet / Celery", "d": "(d) fleet / HTTP", "g": "(g) fleet / OIP gRPC",
+                 "e": "(e) Triton", "h": "(h) Triton / gRPC", "f": "(f) TorchServe"}
 
 
 # -- selecting records -----------------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ def compute_targets(records: list[Record]) -> list[dict[str, Any]]:
     d = best(records, system="d", model="ref", concurrency=SAT, **closed_predict)
     e = best(records, system="e", model="ref", concurrency=SAT, **closed_predict)
     f = best(records, system="f", model="ref", concurrency=SAT, **closed_predict)
+    g = best(records, system="g", model="ref", concurrency=SAT, **closed_predict)
+    h = best(records, system="h", model="ref", concurrency=SAT, **closed_predict)
     default = dict(variant=DEFAULT_ENGINE, **closed_predict)
     c_def = best(records, system="c", model="ref", concurrency=SAT, **default)
     d_def = best(records, system="d", model="ref", concurrency=SAT, **default)
@@ -118,6 +121,11 @@ def compute_targets(records: list[Record]) -> list[dict[str, Any]]:
                 e["p99_ms"] if e else math.nan, "ms (p99)", higher_better=False),
         _target("d-p99-vs-f", f"(d) saturated (c={SAT}): p99 lower than (f)", d, p99,
                 f["p99_ms"] if f else math.nan, "ms (p99)", higher_better=False),
+        # The same protocol, the same client library: the fleet's Open Inference Protocol gRPC beside Triton's.
+        _target("g-vs-h", f"(g) OIP gRPC, saturated (c={SAT}): >= (h) Triton gRPC", g, tp, tput(h), "pred/s",
+                basis=f"(h) {tput(h):.1f}/s ({describe(h)})"),
+        _target("g-p99-vs-h", f"(g) OIP gRPC, saturated (c={SAT}): p99 lower than (h)", g, p99,
+                h["p99_ms"] if h else math.nan, "ms (p99)", higher_better=False),
         # The default configuration (what `fleet up` runs), against the baselines and the committed figures of
         # the direct engine it replaced (0.63x / 2.0x through Celery, 0.71x / 2.2x through HTTP, 2026-11-25).
         _target("default-small-vs-b2", "default config, small model, saturated, Celery producer: >= best (b2)",
@@ -286,7 +294,8 @@ def _load(value: Any) -> str:
 
 #: One colour and marker per system; line styles tell a system's variants and encodings apart.
 SYSTEM_STYLE = {"a": ("#555555", "*"), "b": ("#d62728", "o"), "b2": ("#ff7f0e", "s"), "c": ("#1f77b4", "^"),
-                "d": ("#2ca02c", "v"), "e": ("#9467bd", "D"), "f": ("#8c564b", "P")}
+                "d": ("#2ca02c", "v"), "e": ("#9467bd", "D"), "f": ("#8c564b", "P"), "g": ("#17becf", "X"),
+                "h": ("#e377c2", "d")}
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 

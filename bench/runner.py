@@ -21,11 +21,12 @@ from typing import Any, Callable
 from bench import host
 from bench import config
 from bench.config import BATCH_JOB_CONCURRENCY, BATCH_JOB_SIZE, OPEN_LOOP_FRACTION, SATURATION_CONCURRENCY, RunMode
+from bench.report import DEFAULT_ENGINE
 from bench.procs import core_split, install_cleanup, orphans, stop_all
 from bench.systems.base import BenchContext, Point, System
 
 SAT = SATURATION_CONCURRENCY
-ALL_SYSTEMS = ("a", "b", "b2", "c", "d", "e", "f")
+ALL_SYSTEMS = ("a", "b", "b2", "c", "d", "g", "e", "h", "f")
 
 
 def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
@@ -53,7 +54,7 @@ def plan(system: str, mode: RunMode, fleet_mode: str = "") -> list[Point]:
         if mode.extended or not on_quick:
             points.append(Point("small", "msgpack-tensor", concurrency=SAT))
         return points
-    if system in ("e", "f"):
+    if system in ("e", "f", "g", "h"):
         points = [Point("ref", "binary", concurrency=c) for c in cs]
         return points + ([Point("small", "binary", concurrency=SAT)] if mode.extended else [])
     raise ValueError(system)
@@ -130,11 +131,11 @@ class Runner:
 
     async def _measure_all(self, ctx: BenchContext) -> None:
         from bench.systems.celery_batches import CeleryBatches
-        from bench.systems.fleet import FleetCelery, FleetDeployment, FleetHttp
+        from bench.systems.fleet import FleetCelery, FleetDeployment, FleetHttp, FleetOipGrpc
         from bench.systems.inprocess import InProcess
         from bench.systems.plain_celery import PlainCelery
         from bench.systems.torchserve import TorchServe
-        from bench.systems.triton import Triton
+        from bench.systems.triton import Triton, TritonGrpc
 
         if "a" in self.systems:
             self._step("a", "in-process limit", lambda: self.records.extend(InProcess(ctx).run()))
@@ -144,7 +145,7 @@ class Runner:
         if "b2" in self.systems:
             await self._system(CeleryBatches(ctx), plan("b2", self.mode))
         for db, fleet_mode in enumerate(config.FLEET_MODES, start=3):
-            if "c" not in self.systems and "d" not in self.systems:
+            if not {"c", "d", "g"} & set(self.systems):
                 break
             deployment = FleetDeployment(ctx, fleet_mode, db)
             try:
@@ -153,10 +154,21 @@ class Runner:
                 if "d" in self.systems:
                     await self._system(FleetHttp(ctx, deployment), plan("d", self.mode, fleet_mode), stop=False,
                                        open_loop=True)
+                if "g" in self.systems and fleet_mode == DEFAULT_ENGINE:  # the default, beside Triton's gRPC
+                    await self._system(FleetOipGrpc(ctx, deployment), plan("g", self.mode), stop=False)
             finally:
                 deployment.stop()
-        if "e" in self.systems:
-            await self._system(Triton(ctx), plan("e", self.mode), variants=self.mode.triton_variants)
+        if "e" in self.systems or "h" in self.systems:
+            triton = Triton(ctx)
+            try:
+                if "e" in self.systems:
+                    await self._system(triton, plan("e", self.mode), stop=False, variants=self.mode.triton_variants)
+                elif self._step("e", "start Triton for (h)", triton.start):
+                    triton.set_variant(self.mode.triton_variants[0])
+                if "h" in self.systems and triton.variant:
+                    await self._system(TritonGrpc(triton), plan("h", self.mode), stop=False)
+            finally:
+                triton.stop()
         if "f" in self.systems:
             await self._system(TorchServe(ctx), plan("f", self.mode))
 

@@ -1,10 +1,12 @@
-"""(c) and (d): the fleet, through its Celery interface and through its HTTP API, on the same worker pool.
+"""(c), (d) and (g): the fleet through its Celery interface, its HTTP API and the Open Inference Protocol over gRPC,
+on the same worker pool.
 
 A :class:`FleetDeployment` is one pool configuration of :data:`bench.config.FLEET_MODES` (the default batching
 engine, or Celery's prefork engine, two processes each) started with the real ``fleet worker`` command on a
 Redis database of its own. :class:`FleetCelery` sends ``fleet.predict`` / ``fleet.batch_predict`` by name with
 :func:`shared.celery_app.create_celery_app` and the queue from :mod:`shared.routing`; :class:`FleetHttp` starts
-``fleet api`` on the same Redis and posts ``/v1/predict?wait=30``.
+``fleet api`` on the same Redis and posts ``/v1/predict?wait=30``; :class:`FleetOipGrpc` calls the same API's gRPC
+port with ``tritonclient.grpc``'s aio client, as a Triton user would (``ModelInfer``, raw FP32 tensors).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class FleetDeployment:
         self.workers: Proc | None = None
         self.api: Proc | None = None
         self.api_url = ""
+        self.grpc_address = ""
         self.api_key = ""
         from shared.settings import FleetSettings
 
@@ -78,10 +81,12 @@ class FleetDeployment:
     def start_api(self) -> None:
         if self.api is not None:
             return
-        port = free_port()
-        self.api = Proc(f"fleet-api-{self.mode}", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port)),
+        port, grpc_port = free_port(), free_port()
+        self.api = Proc(f"fleet-api-{self.mode}", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port),
+                                                             "--grpc-port", str(grpc_port)),
                         self.env(), self.ctx.log_dir, cpus=self.ctx.server_cpus, cwd=ROOT)
         self.api_url = f"http://127.0.0.1:{port}"
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
         import urllib.request
 
         def ready() -> bool:
@@ -231,6 +236,58 @@ class FleetHttp(System):
                 if len(rows) != model.horizon or len(rows[0]) != model.channels:
                     raise RuntimeError(f"forecast of shape {len(rows)}x{len(rows[0])}")
             yield call
+
+    def stop(self) -> None:
+        self.deployment.stop()
+
+
+class FleetOipGrpc(System):
+    key = "g"
+    name = "fleet via OIP gRPC"
+    uses_redis = True
+    default_encoding = "binary"
+
+    def __init__(self, ctx: BenchContext, deployment: FleetDeployment) -> None:
+        super().__init__(ctx, deployment.mode)
+        self.deployment = deployment
+        self.notes.append("ModelInfer on `fleet api --grpc-port` with tritonclient.grpc.aio (raw FP32 tensors), "
+                          "one channel; each infer is a predict job awaited by the API")
+
+    def start(self) -> None:
+        self.deployment.start_workers()
+        self.deployment.start_api()
+
+    def own_procs(self) -> list[Proc]:
+        return self.deployment.procs(with_api=True)
+
+    def between_reps(self) -> None:
+        drop_results(self.deployment.url)
+
+    @contextlib.asynccontextmanager
+    async def client(self, point: Point) -> AsyncIterator[Call]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        model = model_of(point)
+        series = [np.ascontiguousarray(s, dtype=np.float32) for s in self.ctx.inputs[point.model]]
+        headers = {"x-api-key": self.deployment.api_key}
+        params = {"adapter": ADAPTER, "device": DEVICE}
+        outputs = [grpcclient.InferRequestedOutput("predictions")]
+        client = InferenceServerClient(self.deployment.grpc_address)
+        try:
+            async def call(i: int) -> None:
+                x = series[i % len(series)]
+                tensor = grpcclient.InferInput("series", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                result = await client.infer(model.model_id, [tensor], outputs=outputs, headers=headers,
+                                            parameters=params, client_timeout=60)
+                y = result.as_numpy("predictions")
+                if y is None or y.shape != (model.horizon, model.channels):
+                    raise RuntimeError(f"forecast of shape {None if y is None else y.shape}")
+            yield call
+        finally:
+            await client.close()
 
     def stop(self) -> None:
         self.deployment.stop()

@@ -1,11 +1,13 @@
-"""(e) A real Triton Inference Server (the ``tritonserver`` binary of the ``nvidia-pytriton`` wheel).
+"""(e) and (h): a real Triton Inference Server (the ``tritonserver`` binary of the ``nvidia-pytriton`` wheel),
+through its HTTP API (e) and its gRPC API (h).
 
 The Python backend runs the same torch model (:mod:`bench.systems.triton_model`) with dynamic batching on.
 Two layouts of the two cores are possible: 2 instances x 1 torch thread, or 1 instance x 2 threads
 (:data:`bench.config.TRITON`); the runner measures each at saturation and keeps the best. Driven through
 ``tritonclient``'s HTTP aio client with binary tensors. The server is started as ``shared/real-servers.md``
 describes (own backends directory with this interpreter's stub, venv first on PATH, LD_LIBRARY_PATH to the
-interpreter's LIBDIR).
+interpreter's LIBDIR). :class:`TritonGrpc` measures the same running server through ``tritonclient.grpc``'s aio
+client, beside the fleet's own gRPC (g).
 """
 
 from __future__ import annotations
@@ -160,6 +162,51 @@ class Triton(System):
                 inp = httpclient.InferInput("INPUT", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x, binary_data=True)
                 result = await client.infer(name, [inp], outputs=output)
+                y = result.as_numpy("OUTPUT")
+                if y is None or y.shape != (1, model.horizon, model.channels):
+                    raise RuntimeError(f"output of shape {None if y is None else y.shape}")
+            yield call
+        finally:
+            await client.close()
+
+
+class TritonGrpc(System):
+    """The running :class:`Triton` server (its chosen layout), through gRPC; started and stopped by it."""
+
+    key = "h"
+    name = "Triton gRPC (Python backend, dynamic batching)"
+    default_encoding = "binary"
+
+    def __init__(self, server: Triton) -> None:
+        super().__init__(server.ctx, server.variant)
+        self.server = server
+        self.notes.append("the same server and models as (e); gRPC aio client, raw FP32 tensors, one channel")
+
+    def start(self) -> None:
+        self.variant = self.server.variant
+
+    def own_procs(self) -> list[Proc]:
+        return self.server.own_procs()
+
+    def stop(self) -> None:
+        """Nothing: the server belongs to (e)'s system."""
+
+    @contextlib.asynccontextmanager
+    async def client(self, point: Point) -> AsyncIterator[Call]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        model = model_of(point)
+        name = triton_name(model)
+        batches = [np.ascontiguousarray(s[None], dtype=np.float32) for s in self.ctx.inputs[point.model]]
+        client = InferenceServerClient(f"127.0.0.1:{self.server.grpc_port}")
+        output = [grpcclient.InferRequestedOutput("OUTPUT")]
+        try:
+            async def call(i: int) -> None:
+                x = batches[i % len(batches)]
+                inp = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                result = await client.infer(name, [inp], outputs=output, client_timeout=60)
                 y = result.as_numpy("OUTPUT")
                 if y is None or y.shape != (1, model.horizon, model.channels):
                     raise RuntimeError(f"output of shape {None if y is None else y.shape}")

@@ -87,6 +87,7 @@ def records() -> list[dict]:
         rec("c", model="small", throughput=2500.0),
         rec("d", throughput=700.0, p99=150.0), rec("d", concurrency=8, throughput=900.0, p99=20.0),
         rec("e", throughput=650.0, p99=200.0), rec("f", throughput=500.0, p99=120.0),
+        rec("g", throughput=640.0, p99=90.0), rec("h", throughput=660.0, p99=110.0),
     ]
 
 
@@ -106,6 +107,9 @@ def test_targets_use_the_best_configuration_and_report_margins() -> None:
     assert targets["d-vs-e"]["status"] == "PASS"
     assert targets["d-p99-vs-e"]["status"] == "PASS"
     assert targets["d-p99-vs-f"]["status"] == "MISS" and targets["d-p99-vs-f"]["margin"] == "missed by 30.0 ms"
+    # (g) the fleet's OIP gRPC against (h) Triton's gRPC, both through tritonclient.grpc
+    assert targets["g-vs-h"]["measured"] == 640.0 and targets["g-vs-h"]["status"] == "MISS"
+    assert targets["g-p99-vs-h"]["status"] == "PASS"
 
 
 def test_targets_without_measurements_are_not_applicable() -> None:
@@ -130,7 +134,7 @@ def test_write_produces_markdown_json_and_plot(tmp_path: Path, monkeypatch: pyte
     assert "serving, not accuracy" in md and "quick mode: 1 repetition" in md
     assert "| msgpack | 20 | 0.20x |" in md
     data = json.loads(paths["json"].read_text())  # strict JSON: NaN became null
-    assert len(data["records"]) == len(records()) and len(data["targets"]) == 16  # 10 + 6 (default config)
+    assert len(data["records"]) == len(records()) and len(data["targets"]) == 18  # 12 + 6 (default config)
 
 
 def test_quick_plan_is_a_subset_of_the_full_plan() -> None:
