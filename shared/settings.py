@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AdapterName = Literal["simple", "torchscript", "torchserve", "triton"]
@@ -105,7 +105,7 @@ class TritonSettings(BaseSettings):
 
 
 class TorchServeSettings(BaseSettings):
-    """TorchServe adapter (inference and management APIs over HTTP)."""
+    """TorchServe adapter (inference and management APIs over HTTP, a ``.mar`` per model in a shared store)."""
 
     model_config = _section("TORCHSERVE_")
 
@@ -113,14 +113,30 @@ class TorchServeSettings(BaseSettings):
     """TorchServe inference API (the benchmark's TorchServe system uses these settings)."""
     management_url: str = "http://127.0.0.1:8081"
     """TorchServe management API."""
+    model_store: Path = Field(default_factory=lambda: state_dir() / "torchserve-model-store")
+    """Where the adapter writes each model's ``.mar``; TorchServe's ``--model-store`` must be the same directory."""
+    key_file: Path | None = None
+    """TorchServe's token-authorization ``key_file.json`` (0.12 writes it into its working directory); its
+    management and inference keys are sent as ``Authorization: Bearer``. Unset: no token (authorization off)."""
     batch_size: int = Field(16, ge=1)
-    """Server-side batch size when registering a model."""
-    max_batch_delay_ms: int = Field(10, ge=0)
-    """Server-side batching delay when registering a model."""
+    """Server-side batch size when registering a model (also the most rows one infer request carries)."""
+    max_batch_delay_ms: int = Field(10, ge=0, validation_alias=AliasChoices("TORCHSERVE_MAX_BATCH_DELAY_MS",
+                                                                           "TORCHSERVE_MAX_BATCH_DELAY"))
+    """Server-side batching delay when registering a model (``TORCHSERVE_MAX_BATCH_DELAY`` works too)."""
     initial_workers: int = Field(1, ge=1)
     """Workers TorchServe starts per model."""
+    max_workers: int = Field(1, ge=1)
+    """Most workers TorchServe may scale a model to (``PUT /models/<name>?max_worker=``)."""
     timeout_seconds: float = Field(10.0, gt=0)
-    """Network timeout for every call to TorchServe."""
+    """Network timeout for every call to TorchServe; a dead server fails jobs within it."""
+    load_timeout_seconds: float = Field(120.0, gt=0)
+    """How long registering a model may take (TorchServe starts a Python worker that imports torch)."""
+    response_timeout_seconds: int = Field(60, ge=1)
+    """TorchServe's own per-request timeout of a registered model (its ``response_timeout``)."""
+    max_models_loaded: int = Field(8, ge=1)
+    """LRU bound: at most this many models one worker process keeps registered (eviction unregisters)."""
+    model_timeout_seconds: float = Field(3600, gt=0)
+    """Idle TTL: a model this process has not used for this long is unregistered."""
 
 
 class BatchSettings(BaseSettings):

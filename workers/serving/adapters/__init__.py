@@ -15,9 +15,9 @@ ADAPTER_CLASSES: dict[str, str] = {
     "simple": "workers.serving.adapters.simple:SimpleServingAdapter",
     "torchscript": "workers.serving.adapters.torchscript:TorchScriptServingAdapter",
     "triton": "workers.serving.adapters.triton:TritonServingAdapter",
-    # NOTE: the torchserve queue is reserved by routing, but no TorchServe adapter ships yet (TorchServe is in
-    # limited maintenance upstream; the benchmark drives a real TorchServe directly). Jobs routed there fail
-    # with a typed AdapterUnavailableError.
+    # NOTE: TorchServe is in limited maintenance upstream: its adapter sits behind the same interface as the
+    # others, so a deployment can drop it without touching the API.
+    "torchserve": "workers.serving.adapters.torchserve:TorchServeServingAdapter",
 }
 
 
