@@ -17,7 +17,9 @@ process unregistered it, TorchServe restarted) is registered again, once, and th
 
 Errors map onto the fleet's root: unreachable, refused, timed out or 503 -> retryable
 :class:`~shared.errors.AdapterUnavailableError` (within ``TORCHSERVE_TIMEOUT_SECONDS``); a tensor the handler
-refuses -> :class:`~shared.errors.InvalidInputError`; anything else -> :class:`~shared.errors.PredictionError`.
+refuses, or a forward that fails on its shape -> :class:`~shared.errors.InvalidInputError`; anything else ->
+:class:`~shared.errors.PredictionError`. One request carries at most ``TORCHSERVE_BATCH_SIZE`` rows (a bigger
+forward goes as several), so one TorchServe batch holds at most ``batch_size`` squared rows.
 With token authorization on (TorchServe 0.12's default), the keys come from ``TORCHSERVE_KEY_FILE``, read again
 after a 401 (TorchServe renews them).
 """
@@ -128,6 +130,8 @@ class TorchServeClient:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # -- the calls the adapter makes -------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -148,8 +152,9 @@ class TorchServeClient:
         query = (f"url={archive}&model_name={name}&batch_size={s.batch_size}&max_batch_delay={s.max_batch_delay_ms}"
                  f"&initial_workers={s.initial_workers}&synchronous=true&response_timeout={s.response_timeout_seconds}")
         status, body = self.call("management", "POST", f"/models?{query}", timeout=s.load_timeout_seconds)
-        if status == 409:
-            return  # another process of the pool registered it meanwhile
+        if status == 409:  # another process of the pool registered it meanwhile: wait until it serves
+            self.wait_ready(name)
+            return
         if status != 200:
             err = _error(status, body, f"register {name}")
             raise err if isinstance(err, AdapterUnavailableError) else ModelLoadError(err.message)
@@ -158,6 +163,15 @@ class TorchServeClient:
                                      f"&max_worker={s.max_workers}&synchronous=true", timeout=s.load_timeout_seconds)
             if status not in (200, 202):
                 log.warning("could not scale %s on TorchServe: %s", name, _text(body))
+
+    def wait_ready(self, name: str) -> None:
+        """Wait (within the load timeout) until ``name`` has a READY worker, e.g. one another process registers."""
+        deadline = time.monotonic() + self.settings.load_timeout_seconds
+        while not ready_workers(self.describe(name)):
+            if time.monotonic() > deadline:
+                raise AdapterUnavailableError(f"{name} has no READY worker on TorchServe after "
+                                              f"{self.settings.load_timeout_seconds:g} s")
+            time.sleep(0.2)
 
     def unregister(self, name: str) -> bool:
         status, body = self.call("management", "DELETE", f"/models/{name}", timeout=self.settings.load_timeout_seconds)
@@ -173,8 +187,26 @@ class TorchServeClient:
         if status != 200:
             raise _error(status, body, f"predict {name}")
         if not body.startswith(wire.MAGIC):
-            raise _error(400 if _text(body).startswith("bad tensor") else 500, body, f"predict {name}")
+            raise _refused(body.decode(errors="replace"), name)
         return np.array(wire.decode(body), copy=True)
+
+
+def ready_workers(versions: list[dict[str, Any]] | None) -> int:
+    """READY workers in a ``GET /models/<name>`` answer (0 when the model is not registered)."""
+    return sum(1 for version in versions or [] for w in version.get("workers", []) if w.get("status") == "READY")
+
+
+#: Words of torch's errors for a tensor whose shape the model does not take.
+_SHAPE_TEXT = ("shape", "size of tensor", "dimension", "mat1 and mat2", "expected input", "sizes of tensors")
+
+
+def _refused(message: str, name: str) -> FleetError:
+    """The error for a request the handler answered with a message instead of a tensor."""
+    error = message.partition("]: ")[2].lower()  # the forward's own error, after "forward failed on shape [..]"
+    if message.startswith("bad tensor") or (message.startswith("forward failed")
+                                            and any(t in error for t in _SHAPE_TEXT)):
+        return InvalidInputError(f"TorchServe refused the input of {name}: {message[:500]}", field="inputs")
+    return PredictionError(f"TorchServe failed (predict {name}): {message[:500]}")
 
 
 def _token_refused(status: int, body: bytes) -> bool:
@@ -277,6 +309,8 @@ class TorchServeServingAdapter(LocalTorchAdapter):
             found = None
         if found is None:
             self.server.register(model_id, archive)
+        elif not ready_workers(found):
+            self.server.wait_ready(model_id)  # registered by another process, its worker still starting
         handle.report["register_ms"] = round((time.perf_counter() - started) * 1000, 3)
         handle.report["archive"] = archive
         with self._current_lock:
@@ -337,9 +371,7 @@ class TorchServeServingAdapter(LocalTorchAdapter):
                 names = list(self._current)
             workers = {}
             for name in names:
-                found = self.server.describe(name) or []
-                workers[name] = sum(1 for version in found for w in version.get("workers", [])
-                                    if w.get("status") == "READY")
+                workers[name] = ready_workers(self.server.describe(name))
         except FleetError as exc:
             return {**out, "healthy": False, "live": False, "error": exc.message}
         idle = [name for name, ready in workers.items() if not ready]

@@ -12,8 +12,10 @@ Wire format of a request body and of an answer (little-endian)::
 
     b"FSTS"  uint8 dtype (0: float32, 1: int64)  uint8 ndim  ndim x uint32 dims  the values, row-major
 
-A body that is not such a tensor fails its own request with a message starting ``bad tensor:``, which the adapter
-reads as the caller's fault; the other requests of the batch still run.
+A body that is not such a tensor fails its own request with a message starting ``bad tensor:`` (the caller's
+fault), and a forward that raises answers ``forward failed on shape [...]: <error>`` to the requests it held (with
+status 200: an exception would make TorchServe answer 503, which the adapter must read as a server that is down);
+the other requests of the batch still run.
 """
 
 from __future__ import annotations
@@ -87,22 +89,31 @@ class FleetHandler:
         self.module = torch.jit.load(path, map_location=self.device).eval()
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        arrays: list[np.ndarray | None] = []
         answers: list[Any] = [None] * len(data)
+        # NOTE: requests of one TorchServe batch may come from different worker processes: only those of one
+        # dtype and row shape can share a forward, so each such group runs as one.
+        groups: dict[tuple[Any, ...], list[tuple[int, np.ndarray]]] = {}
         for i, row in enumerate(data):
             body = row.get("body") if row.get("body") is not None else row.get("data")
             try:
-                arrays.append(decode(bytes(body or b"")))
+                array = decode(bytes(body or b""))
             except BadTensorError as exc:
-                arrays.append(None)
                 answers[i] = str(exc)
-        good = [(i, a) for i, a in enumerate(arrays) if a is not None]
-        if good:
-            batch = torch.from_numpy(np.concatenate([a for _, a in good], axis=0)).to(self.device)
-            with torch.inference_mode():
-                out = self.module(batch).to("cpu").numpy().astype("<f4", copy=False)
+                continue
+            groups.setdefault((array.dtype.str, *array.shape[1:]), []).append((i, array))
+        for members in groups.values():
+            try:
+                batch = torch.from_numpy(np.concatenate([a for _, a in members], axis=0)).to(self.device)
+                with torch.inference_mode():
+                    out = self.module(batch).to("cpu").numpy().astype("<f4", copy=False)
+            except Exception as exc:
+                # NOTE: an exception out of handle() becomes TorchServe's 503 "Prediction failed", which reads as
+                # "try again later": a forward that fails on these rows answers why, for their requests only.
+                for i, array in members:
+                    answers[i] = f"forward failed on shape {list(array.shape)}: {type(exc).__name__}: {exc}"
+                continue
             start = 0
-            for i, array in good:
+            for i, array in members:
                 stop = start + array.shape[0]
                 answers[i] = encode(out[start:stop])
                 start = stop
