@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 
 def unavailable_reason() -> str | None:
@@ -50,6 +49,10 @@ class TorchServeServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "torchserve.log"
         self._log = None
+        # NOTE: TorchServe keeps its pid file (``torchserve --start`` refuses to run while the one it names is alive)
+        # and its workers' unix sockets (``.ts.sock.9000`` ...) in the temp directory: two servers on one machine,
+        # e.g. two test runs, collide there unless each has its own. Short, for the sockets' 108-byte path limit.
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="ts-tmp-"))
 
     @property
     def inference_url(self) -> str:
@@ -79,7 +82,7 @@ class TorchServeServer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"),
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", TMPDIR=str(self.tmpdir), TEMP=str(self.tmpdir))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
@@ -93,14 +96,15 @@ class TorchServeServer:
                 "--model-store", str(self.model_store), "--ts-config", str(self._config())]
         self.proc = subprocess.Popen(argv, env=self.env(), cwd=self.workdir, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"torchserve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.key_file.is_file() and self.ping():
-                return self
-            time.sleep(0.2)
-        raise TimeoutError(f"torchserve not ready after {timeout}s:\n{self.log_tail()}")
+        proc = self.proc
+        try:
+            wait_for(lambda: proc.poll() is not None or (self.key_file.is_file() and self.ping()), timeout,
+                     "torchserve to answer /ping", interval=0.2)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}:\n{self.log_tail()}") from None
+        if proc.poll() is not None:
+            raise RuntimeError(f"torchserve exited with {proc.returncode}:\n{self.log_tail()}")
+        return self
 
     def ping(self) -> bool:
         """``/ping`` answers 200 (with token authorization on, it too needs the inference token)."""
@@ -151,6 +155,11 @@ class TorchServeServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def close(self) -> None:
+        """Stop for good: the server, then its private temp directory."""
+        self.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def restart(self, timeout: float = 120.0) -> "TorchServeServer":
         self.stop()
