@@ -96,6 +96,18 @@ def fleet_env(settings: FleetSettings, **extra: str) -> dict[str, str]:
                       MODEL_STORE_DIR=str(settings.model_store_dir), LOG_LEVEL="INFO", **extra)
 
 
+def send(producer, name: str, job: dict):
+    """Send a fleet job by its public task name, as any Celery producer does."""
+    return producer.send_task(name, kwargs={"job": job})
+
+
+def failure(result, timeout: float) -> tuple[str, str]:
+    """The typed error of a job that must fail, as the result backend stores it: (type, message)."""
+    result.get(timeout=timeout, propagate=False)
+    assert result.state == "FAILURE", result.state
+    return type(result.result).__name__, str(result.result)
+
+
 class WorkerProcess:
     """A real ``fleet worker`` process consuming one pool's queue."""
 

@@ -25,6 +25,7 @@ from shared import routing, tasks
 from shared.keys import Keys
 from tests.helpers import free_port, python_env, wait_for
 from workers.training.synthetic import generate_bars
+from tests.integration.conftest import failure
 
 KEY = {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtst"}
 TIMEOUT = 90
@@ -37,12 +38,6 @@ def series(i: int) -> list[list[float]]:
 def slow_batch(items: int) -> dict:
     """A batch job that takes seconds: forecasts of 1024 steps roll the model forward ~43 times each."""
     return {"requests": [{**KEY, "inputs": {"series": series(i % 7)}, "n_steps": 1024} for i in range(items)]}
-
-
-def failure(result) -> tuple[str, str]:
-    result.get(timeout=TIMEOUT, propagate=False)
-    assert result.state == "FAILURE", result.state
-    return type(result.result).__name__, str(result.result)
 
 
 def record(redis_client, settings, job_id: str) -> dict[str, str]:
@@ -83,7 +78,7 @@ def test_every_job_kind_with_typed_errors_and_acks(engine, start_worker, produce
         preds = np.asarray(res.get(timeout=TIMEOUT)["predictions"])
         assert preds.shape == (24, 5) and np.isfinite(preds).all()
     for res in (bad, garbage):
-        assert failure(res)[0] == "InvalidInputError"
+        assert failure(res, TIMEOUT)[0] == "InvalidInputError"
     batch = producer.send_task(tasks.BATCH_PREDICT, kwargs={"job": {"requests": [
         {**KEY, "inputs": {"series": series(1)}}, {**KEY, "symbol": "NOPE", "inputs": {"series": series(2)}}]}})
     out = batch.get(timeout=TIMEOUT)
@@ -98,7 +93,7 @@ def test_every_job_kind_with_typed_errors_and_acks(engine, start_worker, produce
     assert rec["status"] == "succeeded" and rec["deliveries"] == "1"  # the record is final with the result
     wait_for(lambda: redis_client.hlen("unacked") == 0, 10, "every message acknowledged with its result")
     if engine == "batching":  # Celery's worker drops a message for an unknown task; the batching engine fails it
-        assert failure(unknown_task)[0] == "InvalidInputError"
+        assert failure(unknown_task, TIMEOUT)[0] == "InvalidInputError"
 
 
 def test_a_job_cancelled_while_queued_never_runs(engine, start_worker, producer, redis_client,
@@ -107,7 +102,7 @@ def test_a_job_cancelled_while_queued_never_runs(engine, start_worker, producer,
     redis_client.set(Keys(fleet_settings.redis_key_prefix).job_cancelled(job_id), 1, ex=60)  # what DELETE sets
     result = producer.send_task(tasks.BATCH_PREDICT, task_id=job_id, kwargs={"job": slow_batch(2)})
     start_worker(engine=engine, concurrency=1)
-    assert failure(result)[0] == "JobCancelledError"
+    assert failure(result, TIMEOUT)[0] == "JobCancelledError"
     rec = record(redis_client, fleet_settings, job_id)
     assert rec["status"] == "cancelled" and "started_at" not in rec  # it never ran
 
@@ -119,7 +114,7 @@ def test_a_batch_job_cancelled_while_running_stops_between_chunks(engine, start_
     wait_for(lambda: int(record(redis_client, fleet_settings, result.id).get("progress_done") or 0) > 0, TIMEOUT,
              "the batch job to make progress")
     redis_client.set(Keys(fleet_settings.redis_key_prefix).job_cancelled(result.id), 1, ex=60)
-    kind, message = failure(result)
+    kind, message = failure(result, TIMEOUT)
     assert kind == "JobCancelledError" and "of 200 items" in message
     rec = record(redis_client, fleet_settings, result.id)
     assert rec["status"] == "cancelled" and int(rec["progress_done"]) < 200
@@ -128,7 +123,7 @@ def test_a_batch_job_cancelled_while_running_stops_between_chunks(engine, start_
 def test_a_job_past_its_deadline_is_not_run(engine, start_worker, producer, redis_client, fleet_settings) -> None:
     start_worker(engine=engine, concurrency=1)
     job = {**KEY, "inputs": {"series": series(0)}, "deadline_s": 1, "enqueued_at": time.time() - 5}
-    assert failure(producer.send_task(tasks.PREDICT, kwargs={"job": job}))[0] == "DeadlineExceededError"
+    assert failure(producer.send_task(tasks.PREDICT, kwargs={"job": job}), TIMEOUT)[0] == "DeadlineExceededError"
     fresh = {**job, "enqueued_at": time.time(), "deadline_s": 60}
     assert len(producer.send_task(tasks.PREDICT, kwargs={"job": fresh}).get(timeout=TIMEOUT)["predictions"]) == 24
 
@@ -137,7 +132,7 @@ def test_a_job_over_its_time_limit_fails_typed_and_is_not_run_twice(engine, star
                                                                     fleet_settings) -> None:
     worker = start_worker(engine=engine, concurrency=1, JOB_TIME_LIMIT_SECONDS="2", BATCH_MAX_BATCH_SIZE="2")
     result = producer.send_task(tasks.BATCH_PREDICT, kwargs={"job": slow_batch(400)})
-    kind, message = failure(result)
+    kind, message = failure(result, TIMEOUT)
     assert kind == "JobTimeoutError" and "time limit of 2 s" in message, message
     # Past two visibility timeouts (2 x 2 s each): the message is acknowledged, nobody runs the job again.
     def run_again() -> bool:
@@ -181,7 +176,7 @@ def test_a_job_that_kills_every_process_it_runs_in_is_stopped(engine, start_work
         pid = wait_for(lambda: record(redis_client, fleet_settings, result.id).get("deliveries") == delivery
                        and running_pid(redis_client, fleet_settings, [result.id]), TIMEOUT, f"delivery {delivery}")
         os.kill(pid, signal.SIGKILL)
-    kind, message = failure(result)
+    kind, message = failure(result, TIMEOUT)
     assert kind == "PoisonJobError" and "delivered 3 times" in message, message
     assert "signal 9" in message, message  # the last known cause, as the engine saw the process die
     assert record(redis_client, fleet_settings, result.id)["status"] == "failed"

@@ -11,13 +11,10 @@ from workers.serving.adapters.simple import SimpleServingAdapter
 from workers.store import ModelStore
 from workers.serving.torchscript_convert import sidecar_path, store_artefact_path
 from tests.integration.compare import assert_same_prediction, inputs_for
+from tests.integration.conftest import send
 
 TIMEOUT = 120
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
-
-
-def send(producer, name: str, job: dict):
-    return producer.send_task(name, kwargs={"job": job})
 
 
 @pytest.fixture()

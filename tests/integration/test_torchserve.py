@@ -28,6 +28,7 @@ from shared.settings import FleetSettings  # noqa: E402
 from tests.integration.compare import assert_same_prediction, inputs_for  # noqa: E402
 from workers.serving.adapters.simple import SimpleServingAdapter  # noqa: E402
 from workers.store import ModelStore  # noqa: E402
+from tests.integration.conftest import failure, send  # noqa: E402
 
 TIMEOUT = 180
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
@@ -49,16 +50,6 @@ def ts_env(server: TorchServeServer, **extra: str) -> dict[str, str]:
             "TORCHSERVE_MODEL_STORE": str(server.model_store), "TORCHSERVE_KEY_FILE": str(server.key_file),
             "TORCHSERVE_TIMEOUT_SECONDS": str(CALL_TIMEOUT_S), "TORCHSERVE_BATCH_SIZE": "8",
             "TORCHSERVE_MAX_BATCH_DELAY": "5", **extra}
-
-
-def send(producer, name: str, job: dict):
-    return producer.send_task(name, kwargs={"job": job})
-
-
-def failure(result) -> tuple[str, str]:
-    result.get(timeout=TIMEOUT, propagate=False)
-    assert result.state == "FAILURE", result.state
-    return type(result.result).__name__, str(result.result)
 
 
 def test_pool_registers_predicts_and_unregisters_through_torchserve(torchserve: TorchServeServer, start_worker,
@@ -120,7 +111,7 @@ def test_an_eviction_unregisters_and_a_dead_server_fails_retryable_then_serves_a
     torchserve.stop()
     try:
         started = time.monotonic()
-        kind, message = failure(send(producer, tasks.PREDICT, job))
+        kind, message = failure(send(producer, tasks.PREDICT, job), TIMEOUT)
         elapsed = time.monotonic() - started
         print(f"\nTorchServe down: {kind} after {elapsed:.2f} s")
         assert kind == "AdapterUnavailableError" and torchserve.inference_url in message

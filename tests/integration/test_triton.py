@@ -28,6 +28,7 @@ from shared.settings import FleetSettings, TritonSettings  # noqa: E402
 from workers.serving.adapters.simple import SimpleServingAdapter  # noqa: E402
 from workers.store import ModelStore  # noqa: E402
 from tests.integration.compare import assert_same_prediction, inputs_for  # noqa: E402
+from tests.integration.conftest import failure, send  # noqa: E402
 
 TIMEOUT = 180
 TYPES = ["patchtst", "patchtsmixer", "enhanced_transformer", "sentiment"]
@@ -48,16 +49,6 @@ def triton_env(server: TritonServer, grpc: bool) -> dict[str, str]:
     return {"TRITON_SERVER_URL": server.http_url, "TRITON_SERVER_GRPC_URL": server.grpc_url,
             "TRITON_USE_GRPC": str(grpc).lower(), "TRITON_MODEL_REPOSITORY": str(server.repository),
             "TRITON_TIMEOUT_SECONDS": str(CALL_TIMEOUT_S), "TRITON_MAX_BATCH_SIZE": "16"}
-
-
-def send(producer, name: str, job: dict):
-    return producer.send_task(name, kwargs={"job": job})
-
-
-def failure(result) -> tuple[str, str]:
-    result.get(timeout=TIMEOUT, propagate=False)
-    assert result.state == "FAILURE", result.state
-    return type(result.result).__name__, str(result.result)
 
 
 def server_client(server: TritonServer):
@@ -148,7 +139,7 @@ def test_pool_fails_retryable_while_triton_is_down_and_serves_again(
     triton.stop()
     try:
         started = time.monotonic()
-        kind, message = failure(send(producer, tasks.PREDICT, job))
+        kind, message = failure(send(producer, tasks.PREDICT, job), TIMEOUT)
         elapsed = time.monotonic() - started
         assert kind == "AdapterUnavailableError" and triton.http_url in message
         assert error_from_dict({"type": kind, "message": message}).retryable
@@ -156,7 +147,7 @@ def test_pool_fails_retryable_while_triton_is_down_and_serves_again(
         assert elapsed < CALL_TIMEOUT_S + 5, elapsed
         # A model this process never loaded fails the same way (the load itself needs the server).
         other = {**key, "model_type": "enhanced_transformer"}
-        assert failure(send(producer, tasks.LOAD, other))[0] == "AdapterUnavailableError"
+        assert failure(send(producer, tasks.LOAD, other), TIMEOUT)[0] == "AdapterUnavailableError"
         # The heartbeat reports the pool unhealthy (the adapter's health check asks the server's live/ready).
         wait_for(lambda: all(redis_client.hget(Keys(fleet_settings.redis_key_prefix).worker_stats(w), "healthy")
                              == b"0" for w in worker.ids), WORKER_HEARTBEAT_INTERVAL_S * 3, "an unhealthy heartbeat")

@@ -12,25 +12,14 @@ from shared import routing, tasks
 from shared.keys import Keys
 from tests.helpers import wait_for
 from workers.training.synthetic import generate_bars
+from tests.integration.conftest import failure, send
 
 TIMEOUT = 60
-
-
-def send(producer, name: str, job: dict):
-    return producer.send_task(name, kwargs={"job": job})
 
 
 def window(symbol: str, rows: int = 200) -> np.ndarray:
     # a different seed from training: data the model has not seen
     return generate_bars(symbol, "1h", n_bars=rows + 500, seed=123).values[-rows:]
-
-
-def failure(result) -> tuple[str, str]:
-    """The typed error of a failed job as stored by the backend: (type, message)."""
-    result.get(timeout=TIMEOUT, propagate=False)
-    assert result.state == "FAILURE", result.state
-    exc = result.result
-    return type(exc).__name__, str(exc)
 
 
 @pytest.fixture()
@@ -86,7 +75,7 @@ def test_load_predict_batch_unload(worker, producer, redis_client, fleet_setting
 
 def test_unknown_model_fails_with_typed_error(worker, producer) -> None:
     job = {"symbol": "NOPE", "timeframe": "1h", "model_type": "patchtst", "inputs": {"series": [[1.0] * 5]}}
-    kind, message = failure(send(producer, tasks.PREDICT, job))
+    kind, message = failure(send(producer, tasks.PREDICT, job), TIMEOUT)
     assert kind == "ModelNotFoundError" and "NOPE_1h_patchtst" in message
 
 
@@ -99,7 +88,7 @@ def test_unknown_model_fails_with_typed_error(worker, producer) -> None:
     ({"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "inputs": {"texts": ["hi"]}}, "inputs.series"),
 ])
 def test_malformed_input_fails_typed_and_worker_keeps_serving(worker, producer, job, expected_field) -> None:
-    kind, message = failure(send(producer, tasks.PREDICT, job))
+    kind, message = failure(send(producer, tasks.PREDICT, job), TIMEOUT)
     assert kind == "InvalidInputError" and expected_field in message
     ok = send(producer, tasks.PREDICT, {"symbol": "MSFT", "timeframe": "1h", "model_type": "patchtsmixer",
                                         "inputs": {"series": window("MSFT").tolist()}})
@@ -108,7 +97,7 @@ def test_malformed_input_fails_typed_and_worker_keeps_serving(worker, producer, 
 
 def test_non_object_job_is_a_typed_error(worker, producer) -> None:
     result = producer.send_task(tasks.PREDICT, kwargs={"job": [1, 2, 3]})
-    assert failure(result)[0] == "InvalidInputError"
+    assert failure(result, TIMEOUT)[0] == "InvalidInputError"
 
 
 def test_pickled_message_is_refused_and_worker_keeps_serving(worker, producer) -> None:
