@@ -19,6 +19,12 @@ MODEL_STATS_TTL_S = 7 * 24 * 3600
 DEAD_LETTERS_MAX = 10_000
 #: Latency histogram bucket upper bounds, in milliseconds (Prometheus ``le`` labels; +Inf is implicit).
 LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
+#: Seconds a model's holder set lives after the last heartbeat of any holder (stale members are also filtered by
+#: liveness when read).
+MODEL_HOLDERS_TTL_S = 4 * WORKER_HEARTBEAT_TTL_S
+#: Seconds a model stays assigned to the process the router placed it on before that process has loaded it (and
+#: lists itself as a holder): later jobs of the model follow the first instead of placing it again elsewhere.
+MODEL_ASSIGNED_TTL_S = 15
 #: Celery's result key prefix (redis backend).
 CELERY_RESULT_PREFIX = "celery-task-meta-"
 
@@ -96,6 +102,29 @@ class Keys:
     def worker_models(self, worker_id: str) -> str:
         """Hash: model id -> JSON ``ModelInfo`` of the models this worker process holds now."""
         return f"{self.prefix}:worker-models:{worker_id}"
+
+    # -- cache-aware routing (see shared.routing) -----------------------------------------------------------
+    def worker_queue(self, worker_id: str) -> str:
+        """Base name of one consumer process's own queue: jobs the router sent to it because it holds (or was
+        placed) their model. Its lists are ``routing.redis_list_keys(base)``, one per priority step, in kombu's
+        envelope; the messages keep their pool queue as routing key, so any redelivery returns them to the pool."""
+        return f"{self.prefix}:worker-queue:{worker_id}"
+
+    def routing_members(self, queue: str) -> str:
+        """Sorted set: id -> placement cost of the consumer processes of a pool that consume an own queue (lower:
+        loading a new model there evicts less). Each process writes its own member; its supervisor or the reaper
+        removes it when it is gone."""
+        return f"{self.prefix}:routing:{queue}:members"
+
+    def model_holders(self, queue: str, model_id: str) -> str:
+        """Set: ids of the pool's consumer processes that hold the model now (each process adds and removes
+        itself; expires :data:`MODEL_HOLDERS_TTL_S` after the last refresh)."""
+        return f"{self.prefix}:routing:{queue}:holders:{model_id}"
+
+    def model_assigned(self, queue: str, model_id: str) -> str:
+        """String: the process the router last placed the model on (written by the router only, with
+        :data:`MODEL_ASSIGNED_TTL_S`)."""
+        return f"{self.prefix}:routing:{queue}:assigned:{model_id}"
 
     # -- API keys and rate limits ----------------------------------------------------------------------------
     def api_key(self, key_hash: str) -> str:
