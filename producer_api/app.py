@@ -27,6 +27,7 @@ from producer_api.service.streams import SocketSlots
 from producer_api.watch import JobChannels
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
+from shared.routing import JobRouter
 from shared.settings import FleetSettings, get_settings
 
 #: Seconds to wait for a TCP connection to Redis: an unreachable Redis must be a prompt 503, not a hang.
@@ -102,7 +103,8 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     app[CTX] = ApiContext(settings=settings, redis=redis, celery=celery_app, keys=keys,
                           records=JobRecords(redis, keys, settings.result_ttl_seconds), channels=channels,
                           metrics=ApiMetrics(), keystore=keystore, guard=guard,
-                          streams=SocketSlots(settings.api_max_websockets, settings.api_max_websockets_per_key))
+                          streams=SocketSlots(settings.api_max_websockets, settings.api_max_websockets_per_key),
+                          router=JobRouter(keys, settings))
     for table in routes.tables(settings):
         app.add_routes(table)
     if settings.api_grpc_port is not None:

@@ -15,6 +15,7 @@ from producer_api.security.keystore import KeyStore
 from producer_api.service.streams import SocketSlots
 from producer_api.watch import JobChannels
 from shared.keys import Keys
+from shared.routing import JobRouter
 from shared.settings import FleetSettings
 
 #: Seconds a model found in the store is not looked up again.
@@ -39,6 +40,7 @@ class ApiContext:
             ``API_AUTH_ENABLED=false``).
         streams: Open event streams (WebSockets and gRPC ``WatchJob``), capped per key and per process.
         websockets: Open event sockets, closed on shutdown.
+        router: Decides which list each job's message goes to (cache-aware routing, ``shared.routing``).
         models_seen: ``(model id, version)`` found in the store lately: a predict checks the disk once per
             model per :data:`STORE_CHECK_TTL_S`, not once per request.
     """
@@ -53,6 +55,7 @@ class ApiContext:
     keystore: KeyStore
     guard: Any
     streams: SocketSlots
+    router: JobRouter
     websockets: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     models_seen: TTLCache = field(default_factory=lambda: TTLCache(maxsize=4096, ttl=STORE_CHECK_TTL_S))
 

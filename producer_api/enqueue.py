@@ -32,6 +32,8 @@ KINDS: dict[str, tuple[type[BaseModel], str]] = {
     "predict": (PredictJob, tasks.PREDICT),
     "batch_predict": (BatchPredictJob, tasks.BATCH_PREDICT),
 }
+#: Kinds whose message the router sends to a process holding (or best placed for) their one model.
+ROUTED_KINDS = frozenset({"predict", "load"})
 #: The field naming where a body of each kind holds series rows (see :func:`producer_api.body.read_body`).
 ROW_FIELDS = {"predict": "inputs.series", "batch_predict": "requests"}
 #: Numbers per text in a sentiment result: one probability per class (negative, neutral, positive).
@@ -176,9 +178,10 @@ async def submit(ctx: ApiContext, kind: str, job: BaseModel, principal: Principa
                  job_id: str | None = None) -> tuple[str, float]:
     """Record and enqueue a validated job in one MULTI; returns its id and enqueue time.
 
-    The message is the one ``send_task`` would write (see :mod:`shared.celery_wire`); writing it with the
-    ``queued`` record makes the two atomic: no record without a message, no message without a record. The
-    record names ``principal`` as the job's owner: only it (or an admin) may read or cancel the job.
+    The message is the one ``send_task`` would write (see :mod:`shared.celery_wire`), pushed to the list the
+    router picks (:class:`shared.routing.JobRouter`); writing it with the ``queued`` record makes the two
+    atomic: no record without a message, no message without a record. The record names ``principal`` as the
+    job's owner: only it (or an admin) may read or cancel the job.
 
     Raises:
         redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis is unreachable (503).
@@ -191,12 +194,14 @@ async def submit(ctx: ApiContext, kind: str, job: BaseModel, principal: Principa
     enqueued_at = payload.get("enqueued_at") or time.time()
     model_id = _model_id(job)
     # kwargsrepr is what Flower shows for the arguments; Celery would saferepr the whole payload, series included.
-    list_key, message = celery_wire.task_message(task_name, job_id, {"job": payload}, queue,
-                                                 routing.broker_priority(payload.get("priority", 5)),
-                                                 kwargsrepr=f"{{'job': <{kind} {model_id}>}}")
+    priority = routing.broker_priority(payload.get("priority", 5))
+    _, message = celery_wire.task_message(task_name, job_id, {"job": payload}, queue, priority,
+                                          kwargsrepr=f"{{'job': <{kind} {model_id}>}}")
     pipe = ctx.redis.pipeline(transaction=True)
     ctx.records.enqueued(pipe, job_id, kind, model_id, adapter, device, queue, enqueued_at, owner=principal.name)
-    pipe.lpush(list_key, message)
+    # A predict or a load goes where its model is (or is best placed); a batch (many models) and an unload
+    # (every holder's business) go to the pool queue.
+    ctx.router.route(pipe, queue, model_id if kind in ROUTED_KINDS else None, message, priority)
     try:
         await pipe.execute()
     except Exception:

@@ -2,7 +2,7 @@
 
 Every setting is read from the environment (or a ``.env`` file) by pydantic-settings. Env names follow the
 product's serving docs: a top-level name such as ``REDIS_URL`` or ``SERVING_ADAPTER_TYPE``, and per-adapter
-sections with their own prefix (``SIMPLE_``, ``TORCHSCRIPT_``, ``TRITON_``, ``TORCHSERVE_``, ``BATCH_``).
+sections with their own prefix (``SIMPLE_``, ``TORCHSCRIPT_``, ``TRITON_``, ``TORCHSERVE_``, ``BATCH_``, ``ROUTING_``).
 """
 
 from __future__ import annotations
@@ -156,6 +156,19 @@ class BatchSettings(BaseSettings):
         return min(self.preferred_batch_size or self.max_batch_size, self.max_batch_size)
 
 
+class RoutingSettings(BaseSettings):
+    """Cache-aware routing of jobs to the consumer processes that hold their model (see ``shared.routing``)."""
+
+    model_config = _section("ROUTING_")
+
+    cache_aware: bool = True
+    """Send a predict or load job to a live process of its pool that holds its model (or to the one where loading
+    it evicts least) through that process's own queue; off, every job goes to the pool queue."""
+    max_backlog: int = Field(32, ge=1)
+    """A process with this many jobs waiting in its own queue takes no more routed jobs: the next go to another
+    holder, to a new copy of the model, or to the pool queue."""
+
+
 class FleetSettings(BaseSettings):
     """Top-level settings of a fleet process (API, worker, CLI)."""
 
@@ -252,6 +265,7 @@ class FleetSettings(BaseSettings):
     triton: TritonSettings = Field(default_factory=TritonSettings)
     torchserve: TorchServeSettings = Field(default_factory=TorchServeSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
 
 def settings_table() -> list[tuple[str, str, str]]:

@@ -1,11 +1,12 @@
-"""A worker process's heartbeat: its loaded models, memory, health (with the reason) and queues, every few s."""
+"""A worker process's heartbeat: its loaded models, memory, health (with the reason) and queues, every few s (and,
+for a process with an own queue, what the router needs: the models it holds, what one more would cost)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 from shared.keys import WORKER_HEARTBEAT_INTERVAL_S
 from shared.stats import StatsWriter
@@ -17,10 +18,12 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Publishes this process's state now (:meth:`publish`) and from a daemon thread (:meth:`start`)."""
 
-    def __init__(self, stats: StatsWriter, pool: AdapterPool, queues: Sequence[str]) -> None:
+    def __init__(self, stats: StatsWriter, pool: AdapterPool, queues: Sequence[str], member: Any = None) -> None:
         self.stats = stats
         self.pool = pool
         self.queues = ",".join(queues)
+        self.member = member
+        """A :class:`workers.engines.batching.membership.RoutingMember` when this process has an own queue."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -28,8 +31,11 @@ class Heartbeat:
         """Loaded models, health and queues of this process, and the cache counters since the last write."""
         healthy, reason = self.pool.health()
         self.stats.record([], cache=self.pool.cache_deltas())
-        self.stats.heartbeat(self.pool.loaded_models(), queues=self.queues, healthy=int(healthy),
-                             unhealthy_reason=reason, pid=os.getpid())
+        models = self.pool.loaded_models()
+        self.stats.heartbeat(models, queues=self.queues, healthy=int(healthy), unhealthy_reason=reason,
+                             pid=os.getpid())
+        if self.member is not None:
+            self.member.publish([m.model_id for m in models], self.pool.placement_cost())
 
     def _loop(self) -> None:
         while not self._stop.wait(WORKER_HEARTBEAT_INTERVAL_S):
@@ -45,8 +51,10 @@ class Heartbeat:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating and leave the live set (best effort: Redis may be gone)."""
+        """Stop beating and leave the live set and routing (best effort: Redis may be gone)."""
         self._stop.set()
+        if self.member is not None:
+            self.member.leave()
         try:
             self.stats.retire()
         except Exception:

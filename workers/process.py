@@ -62,15 +62,19 @@ class ProcessContext:
     pool: Any  # workers.serving.pool.AdapterPool
     heartbeat: Any  # workers.heartbeat.Heartbeat
     executor: Any  # workers.executor.executor.JobExecutor
+    member: Any = None  # workers.engines.batching.membership.RoutingMember, for a process with an own queue
 
     def close(self) -> None:
         self.heartbeat.stop()
         self.pool.close()
 
 
-def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_limit: bool,
-                  redis: Any = None) -> ProcessContext:
-    """Wire one process's parts: adapter pool (set up now), outcome writer, policies, executor, heartbeat."""
+def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_limit: bool, redis: Any = None,
+                  routed: bool = False) -> ProcessContext:
+    """Wire one process's parts: adapter pool (set up now), outcome writer, policies, executor, heartbeat.
+
+    ``routed``: the process consumes an own queue besides its pool's (a batching-engine consumer), so it tells
+    the router what it holds (``ProcessContext.member``)."""
     from shared.keys import Keys
     from shared.routing import parse_queue_name
     from shared.stats import StatsWriter
@@ -89,7 +93,13 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
     stats = StatsWriter(redis, keys, me)
     pool = AdapterPool(settings)
     pool.setup([parse_queue_name(q) for q in queues])
-    heartbeat = Heartbeat(stats, pool, queues)
+    member = None
+    if routed:
+        from shared.routing import JobRouter
+        from workers.engines.batching.membership import RoutingMember
+
+        member = RoutingMember(redis, keys, me, queues[0], JobRouter(keys, settings))
+    heartbeat = Heartbeat(stats, pool, queues, member)
     outcomes = outcome_writer(redis, settings, stats)
     handlers = Handlers(pool, outcomes, cancelled=lambda job_id: bool(redis.exists(keys.job_cancelled(job_id))),
                         models_changed=heartbeat.publish)
@@ -97,11 +107,11 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
                            default_policies(settings.job_max_deliveries,
                                             lambda job_id: deadletters.last_failure(redis, keys, job_id)),
                            TimeLimit(settings.job_time_limit_seconds, arm_soft=arm_soft_limit))
-    return ProcessContext(settings, me, redis, keys, pool, heartbeat, executor)
+    return ProcessContext(settings, me, redis, keys, pool, heartbeat, executor, member)
 
 
 def init_process(settings: FleetSettings | None = None, queues: Sequence[str] | None = None, *,
-                 arm_soft_limit: bool = False) -> ProcessContext:
+                 arm_soft_limit: bool = False, routed: bool = False) -> ProcessContext:
     """Build this process's context (idempotent per process) and set torch's thread count."""
     global _context, _context_pid
     with _lock:
@@ -113,7 +123,7 @@ def init_process(settings: FleetSettings | None = None, queues: Sequence[str] | 
         threads = torch_threads_for(settings, int(node["processes"]))
         torch.set_num_threads(threads)
         queues = list(queues if queues is not None else node["queues"])
-        context = build_context(settings, queues, arm_soft_limit=arm_soft_limit)
+        context = build_context(settings, queues, arm_soft_limit=arm_soft_limit, routed=routed)
         context.heartbeat.start()
         log.info("worker process %s ready: %d torch thread(s), queues %s", context.worker_id, threads, queues)
         _context, _context_pid = context, os.getpid()

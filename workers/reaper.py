@@ -6,7 +6,8 @@ worker's main process (which reserves messages for its pool) as ``<node>|main``.
 handled by its own supervisor at once (the batching supervisor, Celery's pool). A whole worker that vanishes —
 its host preempted, its pod killed — leaves no one behind to do it; the reaper, run by every live worker but by
 one at a time (a Redis lock), sees that no process of the holder's node has heart-beaten for
-``WORKER_LOST_AFTER_SECONDS`` and gives its deliveries back to the head of their queues, the same way a
+``WORKER_LOST_AFTER_SECONDS`` and gives its deliveries, and the jobs routed to its own queues, back to the head of
+their pool queues, the same way a
 supervisor does (:class:`workers.engines.batching.redelivery.Redelivery`: only a delivery still unacknowledged
 and still the one the holder took goes back). The visibility timeout stays as the last resort for deliveries
 whose holder is unknown.
@@ -26,6 +27,7 @@ import time
 import uuid
 from typing import Any
 
+from shared import routing
 from shared.keys import WORKER_HEARTBEAT_INTERVAL_S, Keys
 from workers.engines.batching.redelivery import Redelivery
 
@@ -57,6 +59,7 @@ class Reaper:
         self.lost_after_s = lost_after_s
         self.visibility_timeout_s = visibility_timeout_s
         self.redelivery = Redelivery(redis, keys)
+        self.router = routing.JobRouter(keys)
         self._next = 0.0
         self._next_sweep = 0.0
         self._up_since: float | None = None
@@ -87,8 +90,9 @@ class Reaper:
         if now - self._up_since < settle or self._redis_uptime() < self.lost_after_s + settle:
             return 0
         holders = [h.decode() if isinstance(h, bytes) else h for h in self.redis.smembers(self.keys.delivery_holders())]
+        members = self._routing_members()
         sweep_due = self.visibility_timeout_s is not None and now >= self._next_sweep
-        if not holders and not sweep_due:
+        if not holders and not members and not sweep_due:
             return 0
         token = str(uuid.uuid4())
         if not self.redis.set(self.keys.reaper_lock(), token, nx=True, ex=LOCK_TTL_S):
@@ -96,6 +100,14 @@ class Reaper:
         try:
             alive = self._live_nodes()
             restored = 0
+            # Out of routing first, and what waited in their own queues back to the pool queue.
+            for member, queue in members:
+                if node_of(member) not in alive:
+                    back = self.router.retire(self.redis, member, queue)
+                    if back:
+                        log.warning("worker node %s is lost: %d job(s) routed to %s went back to %s",
+                                    node_of(member), back, member, queue)
+                    restored += back
             for holder in holders:
                 if node_of(holder) in alive:
                     continue
@@ -122,6 +134,15 @@ class Reaper:
             pipe.hkeys(self.keys.worker_deliveries(holder))
         spare = frozenset(t.decode() if isinstance(t, bytes) else t for tags in pipe.execute() for t in tags)
         return self.redelivery.sweep(self.visibility_timeout_s, spare)
+
+    def _routing_members(self) -> list[tuple[str, str]]:
+        """``(process, pool queue)`` of every process routing knows, in every pool."""
+        queues = [q.name for q in routing.all_queues()]
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrange(self.keys.routing_members(queue), 0, -1)
+        return [(m.decode() if isinstance(m, bytes) else m, queue)
+                for queue, found in zip(queues, pipe.execute()) for m in found]
 
     def _redis_uptime(self) -> float:
         """Seconds Redis has been up (``INFO server``); infinity where INFO is not allowed (managed Redis)."""

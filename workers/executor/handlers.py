@@ -52,6 +52,8 @@ class Handlers:
 
     def predict(self, items: Sequence[tuple[str, PredictJob]]) -> list[FinishedJob]:
         results, load_ms = self.pool.predict([job for _, job in items])
+        if load_ms:  # a model came in (and maybe another went): the router should know now, not at the next beat
+            self.models_changed()
         return [FinishedJob(job_id, job.model_id, res, load_ms=load_ms,
                             inference_ms=0.0 if isinstance(res, FleetError) else res.inference_time_ms)
                 for (job_id, job), res in zip(items, results)]

@@ -36,6 +36,8 @@ class AdapterPool:
         self._failed: dict[PoolKey, FleetError] = {}
         self._lock = threading.RLock()
         self._reported: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        """Model id -> when a job last used it (monotonic): how cold the model a new load would evict is."""
 
     def setup(self, pools: Sequence[PoolKey]) -> None:
         """Create the adapter of each pool now; a failure is recorded (see :meth:`health`), never raised."""
@@ -83,6 +85,27 @@ class AdapterPool:
             self._reported = dict(totals)
         return deltas
 
+    def placement_cost(self) -> float:
+        """What loading one more model here costs, for the router's placement (lower is cheaper): 0 while a
+        cache has room (count and memory), else ``1 / (1 + s)`` where ``s`` is how long ago the model it would
+        evict was last used: a process whose coldest model has idled longest evicts least."""
+        now = time.monotonic()
+        costs = []
+        for adapter in list(self._adapters.values()):
+            cache = getattr(adapter, "cache", None)
+            if cache is None:
+                continue
+            entries = cache.items()
+            room = len(entries) < cache.max_models
+            if room and entries:  # memory: room for one more of the average size
+                room = cache.current_bytes + cache.current_bytes / len(entries) <= cache.max_bytes
+            if room:
+                costs.append(0.0)
+                continue
+            coldest = min((self._last_used.get(str(key), 0.0) for key, _ in entries), default=now)
+            costs.append(1.0 / (1.0 + max(0.0, now - coldest)))
+        return min(costs, default=0.0)
+
     def expire_idle(self) -> None:
         """Idle-TTL evictions happen even when no job arrives."""
         for adapter in list(self._adapters.values()):
@@ -94,6 +117,10 @@ class AdapterPool:
         """Make sure the model is loaded in ``adapter``; returns the milliseconds loading took (0 on a hit)."""
         touch = getattr(adapter, "touch", None)
         hit = touch(key.model_id) if touch else adapter.is_loaded(key.model_id)
+        self._last_used[key.model_id] = time.monotonic()
+        if len(self._last_used) > 4 * max(1, len(self.loaded_models())) + 64:  # bounded: forget models gone
+            held = {m.model_id for m in self.loaded_models()}
+            self._last_used = {k: v for k, v in self._last_used.items() if k in held}
         if hit and version is None:
             return 0.0
         started = time.perf_counter()

@@ -40,8 +40,10 @@ class Consumer:
         settings = context.settings
         self.keys = context.keys
         self.held_key = self.keys.worker_deliveries(context.worker_id)
+        member = getattr(context, "member", None)
         self.fetcher = BatchFetcher(self.redis, routing.redis_list_keys(queue), self.keys, context.worker_id,
-                                    settings.result_ttl_seconds, settings.batch.max_batch_size)
+                                    settings.result_ttl_seconds, settings.batch.max_batch_size,
+                                    own_lists=member.lists if member is not None else ())
         self.redelivery = Redelivery(self.redis, self.keys)
         self.reaper = Reaper(self.redis, self.keys, settings.worker_lost_after_seconds,
                              visibility_timeout_s=2 * settings.job_time_limit_seconds)
@@ -96,7 +98,7 @@ class Consumer:
             pipe.execute()
         if self.events is not None:
             for d in deliveries:
-                self.events.received(d.job_id, d.task, routing_key=self.fetcher.lists[0])
+                self.events.received(d.job_id, d.task, routing_key=self.queue)
                 self.events.started(d.job_id)
             if any(d.task != PREDICT for d in deliveries):
                 self.events.flush()  # a long job: let Flower show it running now
@@ -113,8 +115,8 @@ class Consumer:
             self.events.flush()
 
     def run(self) -> None:
-        log.info("batching consumer %s on %s, batches of up to %d", self.context.worker_id, self.fetcher.lists[0],
-                 self.fetcher.max_messages)
+        log.info("batching consumer %s on %s (and its own queue), batches of up to %d", self.context.worker_id,
+                 self.queue, self.fetcher.max_messages)
         registered = False
         stranded = False
         while not self._stop.is_set():

@@ -37,17 +37,22 @@ from workers.executor.delivery import Begun
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 UNACKED_MUTEX = "unacked_mutex"
+#: Share of a batch the process's own queue gives while the pool queue has jobs waiting too.
+OWN_SHARE = 0.75
 #: Seconds one blocking peek waits before it checks whether it should still wait (and whether to stop).
 PEEK_TIMEOUT_S = 1.0
 
 log = logging.getLogger(__name__)
 
-#: KEYS: the queue's priority lists in consume order, then the unacked hash, its index, this process's holdings.
-#: ARGV: max messages, now, the predict task name, begin's five constants.
+#: KEYS: the process's own lists (none, or one per priority step), the pool queue's priority lists in consume
+#: order, then the unacked hash, its index, this process's holdings.
+#: ARGV: max messages, now, the predict task name, begin's five constants, how many own lists, the most messages
+#: the own lists give before the pool's have had their turn.
 #: Returns {messages, begun}: per message three numbers (begin's reply), or {-1, 0, 0} when it was not begun.
 _FETCH = BEGIN_LUA + """
 local n, now = tonumber(ARGV[1]), ARGV[2]
 local c = {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]}
+local k, cap = tonumber(ARGV[9]), tonumber(ARGV[10])
 local unacked, index, held = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local out, begun = {}, {}
 -- Records and begins one message; returns false when it closes the batch (any job but a predict).
@@ -70,13 +75,25 @@ local function take(m)
   return h['task'] == ARGV[3]
 end
 local open = true
-for i = 1, #KEYS - 3 do
-  while open and #out < n do
-    local m = redis.call('RPOP', KEYS[i])
+local function drain(key, limit)
+  while open and #out < limit do
+    local m = redis.call('RPOP', key)
     if not m then break end
     open = take(m)
   end
 end
+-- Priority step by step, the own list before the pool's; the own lists give at most `cap` messages until the
+-- pool's lists had their turn, so jobs no holder could take are never starved by routed ones.
+local own = 0
+for i = 1, #KEYS - 3 - k do
+  if i <= k then
+    local before = #out
+    drain(KEYS[i], math.min(n, #out + cap - own))
+    own = own + #out - before
+  end
+  drain(KEYS[k + i], n)
+end
+for i = 1, k do drain(KEYS[i], n) end
 return {out, begun}
 """
 
@@ -141,14 +158,21 @@ class Waker:
 
 
 class BatchFetcher:
-    """Fetches batches from one queue's lists for one worker process."""
+    """Fetches batches from one queue's lists (and the process's own lists, when it has some) for one process.
+
+    ``own_lists`` are the process's own queue, one list per priority step as the pool's: routed jobs of a step
+    come before the pool's of that step, but give at most :data:`OWN_SHARE` of a batch while the pool's wait.
+    """
 
     def __init__(self, redis: Any, lists: Sequence[str], keys: Keys, worker_id: str, record_ttl: int,
-                 max_messages: int) -> None:
+                 max_messages: int, own_lists: Sequence[str] = ()) -> None:
+        if own_lists and len(own_lists) != len(lists):
+            raise ValueError("own lists must mirror the pool queue's priority lists")
         self.redis = redis
-        self.lists = list(lists)
-        self.keys = [*lists, UNACKED, UNACKED_INDEX, keys.worker_deliveries(worker_id)]
-        self.args = [PREDICT, *begin_args(keys, worker_id, record_ttl)]
+        self.lists = [*own_lists, *lists]
+        self.keys = [*own_lists, *lists, UNACKED, UNACKED_INDEX, keys.worker_deliveries(worker_id)]
+        own_cap = max(1, int(max_messages * OWN_SHARE)) if max_messages > 1 else 1
+        self.args = [PREDICT, *begin_args(keys, worker_id, record_ttl), len(own_lists), own_cap]
         self.max_messages = max_messages
         self._script = redis.register_script(_FETCH)
         self._waker: Waker | None = None

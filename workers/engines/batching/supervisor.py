@@ -6,9 +6,9 @@ sends its own task events. It never imports torch (children are forked before an
 
 What it guarantees:
 
-* a consumer that dies (OOM kill, segfault) is replaced at once, and what it held goes back to the head of its
-  queue at once, not after the visibility timeout (the executor's delivery limit stops a job that kills every
-  process it runs in);
+* a consumer that dies (OOM kill, segfault) is replaced at once, and what it held and what waited in its own
+  queue go back to the head of its pool's queue at once, not after the visibility timeout (the executor's
+  delivery limit stops a job that kills every process it runs in);
 * a job past its hard time limit (``JOB_TIME_LIMIT_SECONDS``; the soft limit interrupts it inside the consumer
   first) gets its consumer killed and replaced, and ends as a typed ``JobTimeoutError``, never run again;
 * SIGTERM (or ``celery control shutdown``) stops it within ``WORKER_SHUTDOWN_GRACE_SECONDS`` whatever state
@@ -71,7 +71,7 @@ def consume(slot: Slot, adapter: str, device: str) -> None:
     from workers.engines.batching.events import TaskEvents
 
     queue = queue_name(adapter, device)
-    context = process.init_process(queues=[queue], arm_soft_limit=True)
+    context = process.init_process(queues=[queue], arm_soft_limit=True, routed=True)
     events = TaskEvents(app, process.node["hostname"])
     consumer = Consumer(context, queue, events, slot, stop=stop)
     try:
@@ -86,6 +86,7 @@ class Supervisor:
 
     def __init__(self, settings: FleetSettings, adapter: str, device: str, processes: int, hostname: str) -> None:
         from shared.keys import Keys
+        from shared.routing import JobRouter
         from workers import process
         from workers.engines.batching.redelivery import Redelivery
         from workers.executor.outcomes import outcome_writer
@@ -102,6 +103,7 @@ class Supervisor:
 
         self.redis = redis_options.client(settings, socket_connect_timeout=2, socket_timeout=5)
         self.redelivery = Redelivery(self.redis, self.keys)
+        self.router = JobRouter(self.keys, settings)
         self.outcomes = outcome_writer(self.redis, settings)
         self.time_limit = TimeLimit(settings.job_time_limit_seconds, arm_soft=False)
         self._ctx = multiprocessing.get_context("fork")
@@ -163,6 +165,8 @@ class Supervisor:
 
         worker_id = self._worker_id(pid)
         try:
+            # First out of routing (nothing more is sent to its own queue), what waited there back to the pool.
+            self.router.retire(self.redis, worker_id, self.queues[0])
             if timed_out:
                 self._fail_held(worker_id)
             else:

@@ -1,0 +1,176 @@
+"""Cache-aware routing on fakeredis (with Lua): the router's choices, leaving routing, and the fetch's share."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import fakeredis
+import pytest
+
+from shared import celery_wire, routing
+from shared.keys import Keys
+from shared.settings import FleetSettings
+from workers.engines.batching.fetch import BatchFetcher
+from workers.engines.batching.membership import RoutingMember
+from workers.reaper import Reaper
+
+KEYS = Keys("rt")
+QUEUE = "infer.simple.cpu"
+MODEL = "AAPL_1h_patchtst"
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def router(**routing_env: object) -> routing.JobRouter:
+    settings = FleetSettings(redis_key_prefix="rt", worker_lost_after_seconds=30,
+                             routing={"max_backlog": 2, **routing_env})
+    return routing.JobRouter(KEYS, settings)
+
+
+def message(job_id: str, task: str = "fleet.predict") -> bytes:
+    return celery_wire.task_message(task, job_id, {"job": {}}, QUEUE, 4)[1]
+
+
+def send(redis, r: routing.JobRouter, job_id: str, model: str | None = MODEL) -> None:
+    pipe = redis.pipeline(transaction=True)
+    r.route(pipe, QUEUE, model, message(job_id), 4)
+    pipe.execute()
+
+
+def join(redis, worker: str, held: tuple[str, ...] = (), cost: float = 0.0, beat: float | None = None) -> RoutingMember:
+    member = RoutingMember(redis, KEYS, worker, QUEUE, router())
+    member.publish(held, cost)
+    redis.zadd(KEYS.workers(), {worker: time.time() if beat is None else beat})
+    return member
+
+
+def own(redis, worker: str) -> list[str]:
+    """Job ids waiting in a process's own queue, oldest first."""
+    lists = routing.redis_list_keys(KEYS.worker_queue(worker))
+    return [json.loads(m)["headers"]["id"] for key in lists for m in reversed(redis.lrange(key, 0, -1))]
+
+
+def pool(redis) -> list[str]:
+    return [json.loads(m)["headers"]["id"] for key in routing.redis_list_keys(QUEUE)
+            for m in reversed(redis.lrange(key, 0, -1))]
+
+
+def test_without_routing_members_every_job_goes_to_the_pool_queue(redis):
+    send(redis, router(), "j1")
+    send(redis, router(cache_aware=False), "j2")
+    assert pool(redis) == ["j1", "j2"]
+
+
+def test_a_job_goes_to_the_live_holder_of_its_model(redis):
+    join(redis, "n@h|1", held=("OTHER_1h_patchtst",))
+    join(redis, "n@h|2", held=(MODEL,), cost=0.5)
+    send(redis, router(), "j1")
+    assert own(redis, "n@h|2") == ["j1"] and own(redis, "n@h|1") == [] and pool(redis) == []
+    # The message is unchanged: its routing key is still the pool queue, so any redelivery returns it there.
+    raw = redis.lrange(routing.redis_list_keys(KEYS.worker_queue("n@h|2"))[1], 0, -1)[0]
+    assert json.loads(raw)["properties"]["delivery_info"]["routing_key"] == QUEUE
+
+
+def test_a_model_nobody_holds_is_placed_where_loading_it_evicts_least_and_its_next_jobs_follow(redis):
+    join(redis, "n@h|1", cost=0.9)  # full, its coldest model used a moment ago
+    join(redis, "n@h|2", cost=0.1)  # full, its coldest model idle for long
+    send(redis, router(), "j1")
+    send(redis, router(), "j2")  # not loaded yet: follows the assignment instead of being placed again
+    assert own(redis, "n@h|2") == ["j1", "j2"]
+    assert redis.get(KEYS.model_assigned(QUEUE, MODEL)) == b"n@h|2"
+
+
+def test_a_holder_over_the_backlog_bound_makes_a_copy_then_jobs_spread_over_both(redis):
+    join(redis, "n@h|1", held=(MODEL,), cost=0.0)
+    join(redis, "n@h|2", cost=0.3)
+    for i in range(4):
+        send(redis, router(), f"j{i}")
+    # Two fit under the bound at the holder; the third is a copy on the other process, which now has the
+    # lower backlog, so it gets the fourth too.
+    assert own(redis, "n@h|1") == ["j0", "j1"]
+    assert own(redis, "n@h|2") == ["j2", "j3"]
+    assert pool(redis) == []
+    for i in range(4, 6):
+        send(redis, router(), f"j{i}")
+    assert pool(redis) == ["j4", "j5"]  # every process over the bound: any process takes them
+
+
+def test_a_process_with_a_stale_heartbeat_or_out_of_routing_is_never_chosen(redis):
+    join(redis, "n@h|1", held=(MODEL,), beat=time.time() - 60)  # its host is gone (lost after 30 s)
+    gone = join(redis, "n@h|2", held=(MODEL,))
+    gone.leave()
+    send(redis, router(), "j1")
+    assert pool(redis) == ["j1"] and own(redis, "n@h|1") == [] and own(redis, "n@h|2") == []
+
+
+def test_leaving_gives_the_own_queue_back_to_the_head_of_the_pool_queue_in_order(redis):
+    member = join(redis, "n@h|1", held=(MODEL,))
+    redis.lpush(routing.priority_list(QUEUE, 4), message("older-pool-job"))
+    for i in range(2):
+        send(redis, router(), f"j{i}")
+    assert member.leave() == 2
+    assert pool(redis) == ["j0", "j1", "older-pool-job"]
+    assert redis.zscore(KEYS.routing_members(QUEUE), "n@h|1") is None
+    assert not redis.sismember(KEYS.model_holders(QUEUE, MODEL), "n@h|1")
+    assert member.leave() == 0  # again: nothing left, no error
+
+
+def test_publishing_drops_the_models_a_process_no_longer_holds(redis):
+    member = join(redis, "n@h|1", held=(MODEL, "B_1h_patchtst"))
+    member.publish(["B_1h_patchtst"], 0.4)
+    assert not redis.sismember(KEYS.model_holders(QUEUE, MODEL), "n@h|1")
+    assert redis.sismember(KEYS.model_holders(QUEUE, "B_1h_patchtst"), "n@h|1")
+    assert redis.zscore(KEYS.routing_members(QUEUE), "n@h|1") == pytest.approx(0.4)
+
+
+def test_the_reaper_gives_a_lost_node_s_routed_jobs_back_to_the_pool_queue(redis):
+    join(redis, "lost@h|1", held=(MODEL,))
+    send(redis, router(), "j1")
+    redis.zadd(KEYS.workers(), {"lost@h|1": time.time() - 60, "live@h|2": time.time()})
+    reaper = Reaper(redis, KEYS, 30)
+    reaper._up_since = time.monotonic() - 3600  # as if it had been up for long
+    assert reaper.run_once() == 1
+    assert pool(redis) == ["j1"] and own(redis, "lost@h|1") == []
+    assert redis.zscore(KEYS.routing_members(QUEUE), "lost@h|1") is None
+
+
+def test_send_job_routes_like_the_api(redis):
+    join(redis, "n@h|1", held=(MODEL,))
+
+    class App:
+        def AsyncResult(self, job_id):  # noqa: N802 (Celery's name)
+            return job_id
+
+    settings = FleetSettings(redis_key_prefix="rt")
+    job = {"symbol": "AAPL", "timeframe": "1h", "model_type": "patchtst", "adapter": "simple", "device": "cpu"}
+    assert routing.send_job(App(), redis, "fleet.predict", job, job_id="j1", settings=settings) == "j1"
+    assert own(redis, "n@h|1") == ["j1"]
+
+
+def fetcher(redis, max_messages: int) -> BatchFetcher:
+    return BatchFetcher(redis, routing.redis_list_keys(QUEUE), KEYS, "n@h|1", 60, max_messages,
+                        own_lists=routing.redis_list_keys(KEYS.worker_queue("n@h|1")))
+
+
+def test_the_fetch_serves_the_own_queue_first_but_never_starves_the_pool_queue(redis):
+    join(redis, "n@h|1", held=(MODEL,))
+    for i in range(8):
+        redis.lpush(routing.priority_list(KEYS.worker_queue("n@h|1"), 4), message(f"own{i}"))
+        redis.lpush(routing.priority_list(QUEUE, 4), message(f"pool{i}"))
+    batch = fetcher(redis, 4).fetch(block_s=0)
+    ids = [json.loads(m)["headers"]["id"] for m in batch.raws]
+    assert ids == ["own0", "own1", "own2", "pool0"]  # 3 of 4 (OWN_SHARE) from the own queue, then the pool's
+    redis.delete(*routing.redis_list_keys(QUEUE))
+    ids = [json.loads(m)["headers"]["id"] for m in fetcher(redis, 4).fetch(block_s=0).raws]
+    assert ids == ["own3", "own4", "own5", "own6"]  # the pool empty: the own queue fills the batch
+
+
+def test_the_fetch_keeps_priority_across_the_own_and_the_pool_queue(redis):
+    redis.lpush(routing.priority_list(KEYS.worker_queue("n@h|1"), 9), message("own-low"))
+    redis.lpush(routing.priority_list(QUEUE, 0), message("pool-urgent"))
+    ids = [json.loads(m)["headers"]["id"] for m in fetcher(redis, 4).fetch(block_s=0).raws]
+    assert ids == ["pool-urgent", "own-low"]

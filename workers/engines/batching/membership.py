@@ -1,0 +1,65 @@
+"""A consumer process's part in cache-aware routing: what it tells the router, and leaving.
+
+The router (:class:`shared.routing.JobRouter`) reads, per pool, which processes consume an own queue and what
+loading a new model costs each (``Keys.routing_members``), and per model which processes hold it
+(``Keys.model_holders``). Each consumer writes only its own entries, after every change of what it holds and
+with every heartbeat; when it stops, its own queue goes back to the pool queue (:meth:`RoutingMember.leave`),
+as it does when it dies (its supervisor) or its host does (the reaper).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from shared.keys import MODEL_HOLDERS_TTL_S, Keys
+from shared.routing import JobRouter
+
+log = logging.getLogger(__name__)
+
+
+class RoutingMember:
+    """One consumer process of one pool queue, as the router sees it."""
+
+    def __init__(self, redis: Any, keys: Keys, worker_id: str, queue: str, router: JobRouter) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.worker_id = worker_id
+        self.queue = queue
+        self.router = router
+        self._published: set[str] = set()
+
+    @property
+    def lists(self) -> list[str]:
+        """This process's own queue, one list per priority step (served before the pool's of the same step)."""
+        from shared.routing import redis_list_keys
+
+        return redis_list_keys(self.keys.worker_queue(self.worker_id))
+
+    def publish(self, model_ids: Iterable[str], cost: float) -> None:
+        """Hold ``model_ids`` (and no others) and cost ``cost`` to load one more model (one MULTI)."""
+        held = set(model_ids)
+        pipe = self.redis.pipeline(transaction=True)
+        for model_id in held:
+            key = self.keys.model_holders(self.queue, model_id)
+            pipe.sadd(key, self.worker_id)
+            pipe.expire(key, MODEL_HOLDERS_TTL_S)
+        for model_id in self._published - held:
+            pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
+        pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
+        pipe.execute()
+        self._published = held
+
+    def leave(self) -> int:
+        """Stop being routed to: drop the holdings, give the own queue back to the pool queue (returns how many
+        messages went back). Best effort: with Redis away, the supervisor or the reaper does it later."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for model_id in self._published:
+                pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
+            pipe.execute()
+            self._published = set()
+            return self.router.retire(self.redis, self.worker_id, self.queue)
+        except Exception as exc:
+            log.warning("could not leave routing of %s: %s", self.queue, exc)
+            return 0
