@@ -1,4 +1,5 @@
-"""Async reads of the fleet's shared state: live workers, what they hold, their stats and the queues.
+"""Async reads of the fleet's shared state: live workers, what they hold, their stats, the queues and each pool's
+backlog (:mod:`shared.backlog`).
 
 Workers write these hashes (see :mod:`shared.stats`); this module reads them with the API's asyncio client,
 batching each step into one pipeline, and turns them into :class:`shared.schemas.ServingStats` with the same
@@ -15,7 +16,7 @@ from typing import Any, Iterable
 from redis.exceptions import WatchError
 
 from producer_api.jobdoc import decode_hash
-from shared import routing
+from shared.backlog import PoolBacklog, pool_backlogs
 from shared.keys import WORKER_HEARTBEAT_TTL_S, Keys
 from shared.schemas import ServingStats
 from shared.stats import stats_from_hash
@@ -60,17 +61,6 @@ async def workers_by_queue(redis: Any, keys: Keys) -> tuple[dict[str, list[str]]
             else:
                 unhealthy.setdefault(queue.strip(), {})[worker] = _text(reason or b"") or "unhealthy"
     return healthy, unhealthy
-
-
-async def queue_depths(redis: Any) -> dict[str, int]:
-    """Messages waiting per pool queue, summed over kombu's per-priority lists."""
-    queues = [q.name for q in routing.all_queues()]
-    pipe = redis.pipeline(transaction=False)
-    for queue in queues:
-        for key in routing.redis_list_keys(queue):
-            pipe.llen(key)
-    lengths = iter(await pipe.execute())
-    return {queue: sum(next(lengths) for _ in routing.redis_list_keys(queue)) for queue in queues}
 
 
 async def serving_stats(redis: Any, keys: Keys) -> dict[str, Any]:
@@ -129,11 +119,32 @@ class FleetSnapshot:
     fleet: ServingStats
     latency_sum_ms: float
     workers_live: int
+    #: Pool queue -> messages waiting in its lists (every priority step): the backlog's ``queued``.
     queue_depths: dict[str, int] = field(default_factory=dict)
+    #: Pool queue -> its backlog (queued + routed + in hand), the autoscaling signal.
+    backlogs: dict[str, PoolBacklog] = field(default_factory=dict)
+    #: The model caches' cold loads over the fleet: how many, their summed time, and the summed age (time since
+    #: load) of the models evicted.
+    cache_loads: int = 0
+    cache_load_ms: float = 0.0
+    cache_evicted_age_s: float = 0.0
+
+
+def _number(raw: dict[str, Any], name: str) -> float:
+    try:
+        return float(raw.get(name) or 0.0)
+    except ValueError:  # a field another writer spells differently must not fail the scrape
+        return 0.0
 
 
 async def snapshot(redis: Any, keys: Keys) -> FleetSnapshot:
     stats = await serving_stats(redis, keys)
     raw = decode_hash(await redis.hgetall(keys.fleet_stats()))
-    return FleetSnapshot(fleet=stats["fleet"], latency_sum_ms=float(raw.get("latency_sum_ms", 0.0)),
-                         workers_live=len(stats["workers"]), queue_depths=await queue_depths(redis))
+    backlogs = await pool_backlogs(redis, keys)
+    # NOTE: the cache's load and eviction-age counters come from the raw hash (as the workers write them), not
+    # from ServingStats, so that /metrics does not depend on that schema carrying them.
+    return FleetSnapshot(fleet=stats["fleet"], latency_sum_ms=_number(raw, "latency_sum_ms"),
+                         workers_live=len(stats["workers"]),
+                         queue_depths={queue: b.queued for queue, b in backlogs.items()}, backlogs=backlogs,
+                         cache_loads=int(_number(raw, "cache_loads")), cache_load_ms=_number(raw, "cache_load_ms"),
+                         cache_evicted_age_s=_number(raw, "cache_evicted_age_s"))

@@ -1,9 +1,10 @@
 """Prometheus metrics, one registry per app (tests build many apps; the global registry would collide).
 
 Two sources: what this API process saw itself (jobs it enqueued, cancelled or could not send; how long the
-jobs it waited on took end to end), and the fleet's shared hashes in Redis, read once per scrape into a
-:class:`~producer_api.fleetview.FleetSnapshot` that a custom collector turns into metric families (the
-inference latency histogram is rebuilt from the workers' ``h:<le>`` bucket fields).
+jobs it waited on took end to end), and the fleet's shared state in Redis (stats hashes, queues, each pool's
+backlog), read once per scrape into a :class:`~producer_api.fleetview.FleetSnapshot` that a custom collector
+turns into metric families (the inference latency histogram is rebuilt from the workers' ``h:<le>`` bucket
+fields).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from producer_api.fleetview import snapshot
+from shared.backlog import PoolBacklog
 from shared.keys import Keys
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,6 +26,22 @@ E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 
 def _le_seconds(le_ms: str) -> str:
     return le_ms if le_ms == "+Inf" else f"{float(le_ms) / 1000.0:g}"
+
+
+def _backlog(backlogs: dict[str, PoolBacklog]) -> Iterator[Metric]:
+    """The autoscaling signal: per pool, jobs queued, routed to a process's own queue, and in hand."""
+    by_kind = GaugeMetricFamily("fleet_pool_backlog", "Jobs of each pool not yet finished, by where they are "
+                                "(queued: the pool queue's priority lists; routed: its processes' own queues; "
+                                "in_hand: fetched or running, not yet acknowledged).", labels=["queue", "kind"])
+    # NOTE: a gauge, though named _total: the sum of the kinds, the one series an autoscaler's query reads.
+    total = GaugeMetricFamily("fleet_pool_backlog_total", "Jobs of each pool not yet finished (queued + routed + "
+                              "in hand): what KEDA scales the pool on.", labels=["queue"])
+    for queue, backlog in sorted(backlogs.items()):
+        for kind, count in backlog.kinds().items():
+            by_kind.add_metric([queue, kind], count)
+        total.add_metric([queue], backlog.total)
+    yield by_kind
+    yield total
 
 
 class FleetCollector(Collector):
@@ -46,10 +64,12 @@ class FleetCollector(Collector):
         yield HistogramMetricFamily("fleet_inference_latency_seconds",
                                     "Inference latency of successful predictions, measured by workers.",
                                     buckets=buckets or [("+Inf", 0)], sum_value=snap.latency_sum_ms / 1000.0)
-        depth = GaugeMetricFamily("fleet_queue_depth", "Jobs waiting in each pool queue.", labels=["queue"])
+        depth = GaugeMetricFamily("fleet_queue_depth", "Jobs waiting in each pool queue (every priority list).",
+                                  labels=["queue"])
         for queue, length in sorted(snap.queue_depths.items()):
             depth.add_metric([queue], length)
         yield depth
+        yield from _backlog(snap.backlogs)
         yield GaugeMetricFamily("fleet_workers_live", "Worker processes with a fresh heartbeat.",
                                 value=snap.workers_live)
         yield GaugeMetricFamily("fleet_models_loaded", "Models held by live worker processes (copies counted).",
@@ -71,6 +91,13 @@ class FleetCollector(Collector):
         yield evictions
         yield GaugeMetricFamily("fleet_cache_hit_ratio", "Model cache hits / lookups over the fleet.",
                                 value=fleet.cache_hit_ratio)
+        yield CounterMetricFamily("fleet_model_loads", "Models loaded into worker caches (cold loads).",
+                                  value=snap.cache_loads)
+        yield CounterMetricFamily("fleet_model_load_seconds", "Time worker caches spent loading models.",
+                                  value=snap.cache_load_ms / 1000.0)
+        yield CounterMetricFamily("fleet_cache_evicted_age_seconds",
+                                  "Summed age (time since load) of the models evicted from worker caches.",
+                                  value=snap.cache_evicted_age_s)
 
 
 class ApiMetrics:

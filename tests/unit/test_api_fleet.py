@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer_api.app import create_app
+from shared import routing
+from shared.backlog import KOMBU_UNACKED
+from shared.celery_wire import task_message
 from shared.keys import WORKER_HEARTBEAT_TTL_S
 from shared.schemas import ModelInfo
 from shared.stats import JobOutcome, StatsWriter
-from tests.unit.test_api_helpers import (KEYS, aredis, celery, client, enqueue, server, settings,  # noqa: F401
-                                         sredis)
+from tests.unit.test_api_helpers import (KEYS, PREDICT, aredis, celery, client, enqueue, server,  # noqa: F401
+                                         settings, sredis)
 
 MODEL = "AAPL_1h_patchtst"
 
@@ -115,6 +120,48 @@ async def test_metrics_report_the_api_and_the_fleet(client, fleet):
     assert samples[("fleet_models_loaded", ())] == 1 and samples[("fleet_workers_live", ())] == 2
     assert samples[("fleet_cache_hit_ratio", ())] == 0.75
     assert samples[("fleet_cache_evictions_total", (("reason", "memory"),))] == 2
+
+
+async def test_metrics_export_each_pools_backlog_and_the_cache_load_counters(client, fleet):
+    simple, triton = "infer.simple.cpu", "infer.triton.cpu"
+    await enqueue(client)  # queued: the API's own message, on the priority-3 list
+    fleet.rpush(f"{simple}\x06\x169", "m1")
+    fleet.zadd(KEYS.routing_members(simple), {"alpha@host|11": 0.0})
+    for step, job_id in ((0, "r1"), (6, "r2")):  # routed: two messages in a member's own queue
+        fleet.lpush(routing.priority_list(KEYS.worker_queue("alpha@host|11"), step),
+                    task_message("fleet.predict", job_id, {"job": {}}, simple, step)[1])
+    for tag, queue in (("a", simple), ("b", simple), ("c", simple), ("d", triton)):  # in hand: unacked deliveries
+        raw = task_message("fleet.predict", f"job-{tag}", {"job": {}}, queue, 0)[1]
+        fleet.hset(KOMBU_UNACKED, tag, json.dumps([json.loads(raw), "infer", queue]))
+    fleet.hset(KEYS.fleet_stats(), mapping={"cache_loads": 4, "cache_load_ms": 1500, "cache_evicted_age_s": 90})
+    samples = _samples(await (await client.get("/metrics")).text())
+    for queue, kinds in ((simple, {"queued": 2, "routed": 2, "in_hand": 3}), (triton, {"queued": 0, "routed": 0,
+                                                                                         "in_hand": 1})):
+        for kind, count in kinds.items():
+            assert samples[("fleet_pool_backlog", (("kind", kind), ("queue", queue)))] == count, (queue, kind)
+        assert samples[("fleet_pool_backlog_total", (("queue", queue),))] == sum(kinds.values())
+    assert samples[("fleet_pool_backlog_total", (("queue", "infer.torchscript.cuda"),))] == 0
+    assert samples[("fleet_queue_depth", (("queue", simple),))] == 2  # every priority list, as before
+    assert samples[("fleet_model_loads_total", ())] == 4
+    assert samples[("fleet_model_load_seconds_total", ())] == pytest.approx(1.5)
+    assert samples[("fleet_cache_evicted_age_seconds_total", ())] == 90
+
+
+async def test_a_pool_scaled_to_zero_accepts_jobs_and_shows_them_as_its_backlog(aiohttp_client, settings, aredis,
+                                                                               celery, sredis, admin_key):
+    # POOLS lists the pools the API waits for; a pool that scales to zero is not among them (the chart leaves it
+    # out), so readiness holds while it has no worker at all, and its jobs wait in its queue for the autoscaler.
+    StatsWriter(sredis, KEYS, "t|1").heartbeat([], queues="infer.triton.cpu")
+    app = create_app(settings.model_copy(update={"pools": "triton:cpu"}), redis=aredis, celery_app=celery)
+    client = await aiohttp_client(app, headers={"X-API-Key": admin_key})
+    assert (await client.get("/readyz")).status == 200
+    job_id = await enqueue(client, {**PREDICT, "adapter": "simple", "device": "cpu"})  # 202: no live worker needed
+    record = await (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert record["status"] == "queued"
+    assert [(name, opts["queue"]) for name, opts in celery.sent] == [("fleet.predict", "infer.simple.cpu")]
+    samples = _samples(await (await client.get("/metrics")).text())
+    assert samples[("fleet_pool_backlog_total", (("queue", "infer.simple.cpu"),))] == 1
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_each_app_has_its_own_registry(client, aiohttp_client, settings, aredis, celery, admin_key):
