@@ -529,3 +529,107 @@ def test_chart_renders_when_helm_sdk_is_installed() -> None:
             env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
             assert "secretKeyRef" in env["REDIS_URL"]["valueFrom"] and "REDIS_PASSWORD_FILE" in env
     assert config["POOLS"].split(",") == list(dict.fromkeys(f"{p['adapter']}:{p['device']}" for p in pools))
+
+
+# --- KEDA autoscaling on the pools' backlog ------------------------------------------------------------------
+
+
+def render(overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's manifests with ``overrides`` (Flower's required Secret named), through Helm's own Go SDK."""
+    helm = pytest.importorskip("helm_python", reason="optional: pip install helm-python-sdk renders the chart")
+    with helm.Chart.load(str(CHART)) as chart:
+        rendered = chart.render({"flower": {"basicAuthSecret": "flower-auth"}, **overrides}, name="fleet",
+                                namespace="test")
+    return [doc for name, text in rendered.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+
+
+def keda_values(**keda: Any) -> dict[str, Any]:
+    """Every pool on, simple-cpu with its CPU HPA on, torchscript-cuda scaled to zero, triton-cpu off KEDA."""
+    pools = []
+    for pool in values()["pools"]:
+        pool = dict(pool, enabled=True)
+        if pool["name"] == "simple-cpu":
+            pool["autoscaling"] = dict(pool["autoscaling"], enabled=True)
+        if pool["name"] == "torchscript-cuda":
+            pool["keda"] = {"minReplicaCount": 0, "maxReplicaCount": 3, "targetBacklogPerReplica": 50}
+        if pool["name"] == "triton-cpu":
+            pool["keda"] = {"enabled": False}
+            pool["autoscaling"] = {"enabled": True, "targetCPUUtilizationPercentage": 70}
+        pools.append(pool)
+    settings = {"enabled": True, "prometheus": {"serverAddress": "http://prometheus.monitoring:9090"}, **keda}
+    return {"pools": pools, "autoscaling": {"keda": settings}}
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """The ``kind`` manifests by the pool they are for (``worker-<pool>`` component)."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"].removeprefix("worker-"): d
+            for d in docs if d["kind"] == kind}
+
+
+def test_keda_is_off_by_default_and_documented() -> None:
+    keda = values()["autoscaling"]["keda"]
+    assert keda["enabled"] is False and keda["minReplicaCount"] >= 1 and keda["prometheus"]["aggregation"] == "max"
+    assert not any("keda" in pool for pool in values()["pools"])
+    text = (TEMPLATES / "scaledobject.yaml").read_text()
+    assert "apiVersion: keda.sh/v1alpha1" in text and "type: prometheus" in text
+    assert 'printf "%s(fleet_pool_backlog_total{%s})"' in text
+
+
+def test_keda_renders_nothing_by_default() -> None:
+    pools = [dict(pool, enabled=True) for pool in values()["pools"]]
+    docs = render({"pools": pools})
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+    assert all("replicas" in d["spec"] for d in by_kind(docs, "Deployment").values())
+
+
+def test_keda_scaled_object_per_pool_on_its_backlog() -> None:
+    docs = render(keda_values())
+    scaled, hpas, deployments = by_kind(docs, "ScaledObject"), by_kind(docs, "HorizontalPodAutoscaler"), \
+        by_kind(docs, "Deployment")
+    pools = {pool["name"]: pool for pool in values()["pools"]}
+    assert set(scaled) == set(pools) - {"triton-cpu"}
+    for name, obj in scaled.items():
+        queue = queue_name(pools[name]["adapter"], pools[name]["device"])
+        spec = obj["spec"]
+        assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["metadata"]["labels"]["finsight-fleet/queue"] == queue
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                          "name": deployments[name]["metadata"]["name"]}
+        [trigger] = spec["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
+        assert trigger["metadata"]["query"] == f'max(fleet_pool_backlog_total{{queue="{queue}"}})'
+        assert spec["pollingInterval"] == 15 and spec["cooldownPeriod"] == 300
+        assert "replicas" not in deployments[name]["spec"], name  # KEDA owns them
+    assert (scaled["simple-cpu"]["spec"]["minReplicaCount"], scaled["simple-cpu"]["spec"]["maxReplicaCount"]) == (1, 8)
+    assert scaled["simple-cpu"]["spec"]["triggers"][0]["metadata"]["threshold"] == "20"
+    # KEDA makes the pool's HPA: the chart renders none for a pool under KEDA, even with autoscaling on
+    assert set(hpas) == {"triton-cpu"} and "replicas" not in deployments["triton-cpu"]["spec"]
+
+
+def test_keda_scale_to_zero_keeps_the_api_ready_for_the_pool() -> None:
+    docs = render(keda_values())
+    cuda = by_kind(docs, "ScaledObject")["torchscript-cuda"]["spec"]
+    assert (cuda["minReplicaCount"], cuda["maxReplicaCount"]) == (0, 3)
+    assert cuda["triggers"][0]["metadata"]["threshold"] == "50"
+    assert cuda["triggers"][0]["metadata"]["activationThreshold"] == "0"  # the first job wakes it
+    # /readyz must not wait for a worker of a pool at zero (the API would refuse traffic and never see its jobs)
+    pools_spec = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["POOLS"].split(",")
+    assert "torchscript:cuda" not in pools_spec and {"simple:cpu", "torchscript:cpu", "triton:cpu"} <= set(pools_spec)
+
+
+def test_keda_options_and_refusals() -> None:
+    helm = pytest.importorskip("helm_python", reason="optional: pip install helm-python-sdk renders the chart")
+    docs = render(keda_values(minReplicaCount=0, maxReplicaCount=20, pollingInterval=5, cooldownPeriod=60,
+                              prometheus={"serverAddress": "http://p:9090", "aggregation": "sum",
+                                          "labelSelector": 'namespace="test"', "authenticationRef": "prom-auth"}))
+    spec = by_kind(docs, "ScaledObject")["simple-cpu"]["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["pollingInterval"], spec["cooldownPeriod"]) == \
+        (0, 20, 5, 60)
+    [trigger] = spec["triggers"]
+    assert trigger["metadata"]["query"] == 'sum(fleet_pool_backlog_total{queue="infer.simple.cpu",namespace="test"})'
+    assert trigger["authenticationRef"] == {"name": "prom-auth"}
+    assert next(d for d in docs if d["kind"] == "ConfigMap")["data"]["POOLS"] == "triton:cpu"  # the rest reach 0
+    with pytest.raises(helm.HelmError, match="serverAddress"):
+        render(keda_values(prometheus={}))
+    with pytest.raises(helm.HelmError, match="minReplicaCount <= maxReplicaCount"):
+        render(keda_values(minReplicaCount=5, maxReplicaCount=2))

@@ -119,15 +119,37 @@ finsight-fleet/redis-client: "true"
 {{- default (printf "%s-model-store" (include "finsight-fleet.fullname" .)) .Values.modelStore.existingClaim }}
 {{- end }}
 
-{{/* POOLS for /readyz: adapter:device of every enabled pool with readiness on, without duplicates. */}}
+{{/* POOLS for /readyz: adapter:device of every enabled pool with readiness on, without duplicates. A pool that
+KEDA may scale to zero is left out: the API must stay ready (and take its jobs) while it has no worker, or KEDA
+would never see the backlog that wakes it. */}}
 {{- define "finsight-fleet.poolsSpec" -}}
 {{- $specs := list }}
 {{- range .Values.pools }}
-{{- if and (ne (toString .enabled) "false") (ne (toString .readiness) "false") }}
+{{- $keda := include "finsight-fleet.keda" (dict "root" $ "pool" .) | fromJson }}
+{{- $toZero := and (hasKey $keda "minReplicaCount") (eq (int $keda.minReplicaCount) 0) }}
+{{- if and (ne (toString .enabled) "false") (ne (toString .readiness) "false") (not $toZero) }}
 {{- $specs = append $specs (printf "%s:%s" .adapter .device) }}
 {{- end }}
 {{- end }}
 {{- $specs | uniq | join "," }}
+{{- end }}
+
+{{/* KEDA settings of one pool as JSON: autoscaling.keda with the pool's own `keda` keys over it (key by key, so
+that a pool's minReplicaCount 0 wins over a default of 1); "{}" when KEDA is off for the pool (autoscaling.keda
+off, the pool's keda.enabled false, or the pool disabled).
+  include "finsight-fleet.keda" (dict "root" $ "pool" $pool) | fromJson */}}
+{{- define "finsight-fleet.keda" -}}
+{{- $defaults := dig "keda" dict (default dict .root.Values.autoscaling) }}
+{{- $own := default dict .pool.keda }}
+{{- if and $defaults.enabled (ne (toString $own.enabled) "false") (ne (toString .pool.enabled) "false") }}
+{{- $merged := deepCopy (omit $defaults "enabled") }}
+{{- range $key, $value := omit $own "enabled" }}
+{{- $_ := set $merged $key $value }}
+{{- end }}
+{{- toJson $merged }}
+{{- else }}
+{{- "{}" }}
+{{- end }}
 {{- end }}
 
 {{/* Warm-shutdown grace of a worker: the pool's own, else the job hard time limit plus 30 s. */}}
