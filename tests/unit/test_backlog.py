@@ -104,3 +104,16 @@ def test_tally_scales_only_an_unfinished_scan() -> None:
     partial = [[b"17", 100, b"infer.simple.cpu", 75, b"infer.triton.cpu", 25]]
     assert tally_unacked(partial, 1000) == ({"infer.simple.cpu": 750, "infer.triton.cpu": 250}, True)
     assert tally_unacked([], 10) == ({}, False)
+
+
+async def test_a_fetch_from_an_own_queue_moves_jobs_from_routed_to_in_hand(aredis, sredis) -> None:
+    sredis.zadd(KEYS.routing_members(SIMPLE), {"w1": 0.0})
+    for n in range(3):
+        push(sredis, SIMPLE, 0, f"r{n}", target="w1")
+    push(sredis, SIMPLE, 0, "q0")
+    assert (await pool_backlogs(aredis, KEYS, [SIMPLE]))[SIMPLE] == PoolBacklog(queued=1, routed=3)
+    fetcher = BatchFetcher(sredis, routing.redis_list_keys(SIMPLE), KEYS, "w1", 60, max_messages=2,
+                           own_lists=routing.redis_list_keys(KEYS.worker_queue("w1")))
+    assert len(fetcher.fetch(block_s=0).raws) == 2
+    backlog = (await pool_backlogs(aredis, KEYS, [SIMPLE]))[SIMPLE]
+    assert backlog.total == 4 and backlog.in_hand == 2 and backlog.queued + backlog.routed == 2
