@@ -10,6 +10,11 @@ Layout (see :mod:`shared.store_layout`, which producers read without torch)::
 Versions are integers as strings ("1", "2", ...). A version is written in a hidden temporary directory and
 renamed into place, so that readers never see half a model; a reader that lists versions only counts
 directories with a ``config.json``.
+
+Loading is on the cold path of every cache miss, so it does no work twice: the weights are memory-mapped
+(safetensors), the module is cloned from a per-process template of its architecture instead of being built with
+its initialisers (:mod:`workers.models.templates`), and a weights file whose sha256 this store already checked
+is not hashed again while it is unchanged on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,10 +37,13 @@ from torch import nn
 from shared import store_layout
 from shared.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
 from shared.schemas import ModelKey, ModelType
-from workers.models.registry import build_model, n_params
+from workers.models import templates
+from workers.models.registry import n_params, validate_config
 
 #: Meta fields copied into :meth:`ModelStore.list_models` summaries.
 SUMMARY_FIELDS = ("created_at", "heldout", "n_params", "train_seconds", "training_range")
+#: Weights files whose checked sha256 a store remembers (the oldest is forgotten first).
+MAX_VERIFIED = 4096
 
 
 @dataclass
@@ -70,6 +79,7 @@ class ModelStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._verified: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def versions(self, key: ModelKey) -> list[str]:
         """Complete versions of ``key``, oldest first."""
@@ -141,18 +151,37 @@ class ModelStore:
         model_type = config.get("model_type")
         if model_type not in {m.value for m in ModelType}:
             raise ModelLoadError(f"{directory / store_layout.CONFIG_FILE} names no known model_type")
-        model = build_model(model_type, config)
+        typed = validate_config(model_type, config)
         if not weights.is_file():
             raise ModelLoadError(f"{directory} has no {store_layout.WEIGHTS_FILE}")
         expected = meta.get("weights_sha256")
-        if expected and file_sha256(weights) != expected:
-            raise ModelLoadError(f"{weights} does not match the sha256 recorded in meta.json (corrupt copy?)")
+        if expected:
+            self._verify(weights, expected)
         try:
-            model.load_state_dict(load_file(str(weights)), strict=True)
+            model = self._restore(model_type, typed, weights)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load weights of {directory}: {exc}") from None
-        return LoadedArtifacts(model=model.eval(), config=config, meta=meta, path=directory,
-                               version=directory.name)
+        return LoadedArtifacts(model=model, config=config, meta=meta, path=directory, version=directory.name)
+
+    def _verify(self, weights: Path, expected: str) -> None:
+        """Check ``weights`` against the sha256 recorded at save time, once per unchanged file.
+
+        NOTE: a version is immutable once renamed into place; a file replaced or rewritten since it was checked
+        has another inode, size or timestamps, and is hashed again.
+        """
+        stat = weights.stat()
+        stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if self._verified.get(str(weights)) == (stamp, expected):
+            return
+        if file_sha256(weights) != expected:
+            raise ModelLoadError(f"{weights} does not match the sha256 recorded in meta.json (corrupt copy?)")
+        if len(self._verified) >= MAX_VERIFIED:
+            self._verified.pop(next(iter(self._verified)), None)
+        self._verified[str(weights)] = (stamp, expected)
+
+    def _restore(self, model_type: str, typed: BaseModel, weights: Path) -> nn.Module:
+        """The model (eval mode, CPU) holding the weights in ``weights`` (memory-mapped, not copied)."""
+        return templates.restore(model_type, typed, load_file(str(weights)))
 
     def list_models(self) -> list[dict[str, Any]]:
         """Every stored model: symbol, timeframe, model_type, versions, latest and a summary of its meta."""

@@ -156,3 +156,26 @@ def test_a_broken_version_directory_is_skipped_not_reused(store: ModelStore) -> 
     (store.model_dir(KEY).parent / "2" / "junk").write_text("x")
     assert _save(store)[0] == "3"
     assert store.versions(KEY) == ["1", "3"]
+
+
+def test_weights_are_hashed_once_while_the_file_is_unchanged(store: ModelStore,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.store as store_module
+
+    _, path, _ = _save(store)
+    hashed = []
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    store.load(KEY)
+    store.load(KEY)
+    assert len(hashed) == 1
+    # A copy replaced in place by a corrupt one (another inode) is hashed again, and refused.
+    weights = path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    tmp = path / "weights.tmp"
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, weights)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        store.load(KEY)
+    assert len(hashed) == 2

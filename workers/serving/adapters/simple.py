@@ -23,7 +23,9 @@ class SimpleServingAdapter(LocalTorchAdapter):
                          ttl_seconds=settings.simple.model_timeout_seconds, store=store, timer=timer)
 
     def _materialize(self, artifacts: LoadedArtifacts) -> tuple[Any, Forward]:
-        module = artifacts.model.to(self.torch_device).eval()
+        module = artifacts.model  # eval mode, on CPU: the store's contract
+        if self.torch_device.type != "cpu":  # NOTE: .to(cpu) is a no-op that still walks every parameter
+            module = module.to(self.torch_device)
         device = self.torch_device
 
         def forward(x: torch.Tensor) -> torch.Tensor:
