@@ -338,6 +338,12 @@ class ServingStats(BaseModel):
     cache_evictions: int = 0
     cache_evictions_by_reason: dict[str, int] = Field(default_factory=dict)
     """Evictions split by cause: ``lru`` (count bound), ``memory`` (budget), ``ttl`` (idle)."""
+    cache_loads: int = 0
+    """Cold loads into a process's cache (store to a model ready to serve)."""
+    cache_load_ms_total: int = 0
+    """Milliseconds those loads took, summed (divide by ``cache_loads`` for the mean)."""
+    cache_evicted_age_seconds_total: int = 0
+    """Seconds each model evicted by the cache (not by an unload) had been resident, summed."""
     latency_histogram_ms: dict[str, int] = Field(default_factory=dict)
     """Cumulative counts by bucket upper bound (``le``), Prometheus style, ``+Inf`` included."""
 

@@ -61,7 +61,7 @@ class StatsWriter:
 
     def record(self, outcomes: Iterable[JobOutcome], cache: Mapping[str, int] | None = None) -> None:
         """Add finished predictions and cache counter deltas (``hits``, ``misses``, ``evictions``,
-        ``evictions_<reason>``), atomically."""
+        ``evictions_<reason>``, ``loads``, ``load_ms``, ``evicted_age_s``), atomically."""
         pipe = self.redis.pipeline(transaction=True)
         self.add(pipe, outcomes, cache)
         if len(pipe):
@@ -181,6 +181,9 @@ def stats_from_hash(raw: Mapping[Any, Any], *, now: float | None = None, models_
         cache_hits=int(h.get("cache_hits", 0)),
         cache_misses=int(h.get("cache_misses", 0)),
         cache_evictions=int(h.get("cache_evictions", 0)),
+        cache_loads=int(h.get("cache_loads", 0)),
+        cache_load_ms_total=int(h.get("cache_load_ms", 0)),
+        cache_evicted_age_seconds_total=int(h.get("cache_evicted_age_s", 0)),
         latency_histogram_ms=cumulative,
         cache_evictions_by_reason={k[len("cache_evictions_"):]: int(v) for k, v in h.items()
                                    if k.startswith("cache_evictions_")},

@@ -31,6 +31,7 @@ def test_lru_evicts_least_recently_used(start_worker, producer, stats) -> None:
     assert counters.cache_evictions_by_reason.get("lru") == 1
     assert sorted(m.model_id for m in models) == ["AAPL_1h_patchtsmixer", "AAPL_1h_patchtst"]
     assert counters.cache_hits >= 1 and counters.cache_misses >= 3
+    assert counters.cache_loads >= 3 and counters.cache_load_ms_total >= 0
 
 
 def test_idle_ttl_evicts(start_worker, producer, stats) -> None:

@@ -101,3 +101,33 @@ def test_listing_and_peeking_do_not_change_the_lru_order() -> None:
     assert "b" in cache
     cache.put("c", 1)
     assert evicted == [("b", "lru")]
+
+
+def test_loads_load_time_and_age_at_eviction_are_counted() -> None:
+    cache, clock, _ = make(max_models=2, max_bytes=100, ttl=100)
+    cache.put("a", 1, load_seconds=0.0124)
+    clock.now = 10
+    cache.put("b", 1, load_seconds=0.0031)
+    clock.now = 25
+    cache.put("c", 1, load_seconds=0.0050)  # count bound: a goes, 25 s after it was loaded
+    snap = cache.counters.snapshot()
+    assert (snap["loads"], snap["load_ms"], snap["evicted_age_s"], snap["evictions_lru"]) == (3, 20, 25, 1)
+    clock.now = 30
+    cache.pop("b")  # an unload is not an eviction: its age is not counted
+    clock.now = 140
+    cache.expire()  # idle TTL: c goes, 115 s after it was loaded
+    snap = cache.counters.snapshot()
+    assert (snap["evicted_age_s"], snap["evictions"], snap["evictions_manual"]) == (140, 2, 1)
+
+
+def test_age_counts_from_the_load_not_from_the_last_use_and_sums_are_not_rounded_per_event() -> None:
+    cache, clock, _ = make(max_models=1, ttl=100)
+    for i in range(4):
+        clock.now = i * 0.6
+        cache.put(f"m{i}", 1, load_seconds=0.0004)  # 0.4 ms each: 1.6 ms in all, not 4 x 0
+        clock.now += 0.5
+        assert cache.get(f"m{i}") == 1  # a use does not restart its age
+    snap = cache.counters.snapshot()
+    assert (snap["loads"], snap["load_ms"], snap["evicted_age_s"]) == (4, 2, 2)  # 3 x 0.6 s resident
+    cache.put("m3", 1)  # a reload of a cached key replaces it: no eviction
+    assert cache.counters.snapshot()["evicted_age_s"] == 2

@@ -55,3 +55,47 @@ def test_unloaded_model_is_a_typed_not_found(adapter: SimpleServingAdapter) -> N
     assert adapter.unload_model(info.model_id)
     with pytest.raises(ModelNotFoundError):
         adapter.predict(info.model_id, np.zeros((40, 3)))
+
+
+def test_cold_loads_and_ages_at_eviction_reach_the_worker_and_fleet_stats(tmp_path: Path) -> None:
+    import fakeredis
+
+    from shared.keys import Keys
+    from shared.settings import SimpleSettings
+    from shared.stats import StatsReader, StatsWriter
+    from workers.serving.pool import AdapterPool
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock, store = Clock(), ModelStore(tmp_path)
+    settings = FleetSettings(model_store_dir=tmp_path, simple=SimpleSettings(max_models_in_memory=1))
+    for mtype in (ModelType.PATCHTST, ModelType.SENTIMENT):
+        key = ModelKey(symbol="T", timeframe="1h", model_type=mtype)
+        store.save(key, build_model(mtype, TINY_CONFIGS[mtype]), TINY_CONFIGS[mtype], {})
+    adapter = SimpleServingAdapter(settings, store=store, timer=clock)
+    real_load = store.load_from_path
+
+    def slow_load(path):  # every read from the store takes 250 ms on the adapter's clock
+        clock.now += 0.25
+        return real_load(path)
+
+    store.load_from_path = slow_load  # type: ignore[method-assign]
+    pool = AdapterPool(settings, {("simple", "cpu"): adapter})
+    load(adapter, ModelType.PATCHTST)
+    load(adapter, ModelType.PATCHTST)  # a hit: no load
+    clock.now += 30
+    load(adapter, ModelType.SENTIMENT)  # the count bound evicts the forecaster, 30.25 s after its load
+    deltas = pool.cache_deltas()
+    assert {k: deltas[k] for k in ("loads", "load_ms", "evicted_age_s", "evictions")} == {
+        "loads": 2, "load_ms": 500, "evicted_age_s": 30, "evictions": 1}
+    redis, keys = fakeredis.FakeRedis(), Keys("t")
+    StatsWriter(redis, keys, "w1").record([], cache=deltas)
+    assert pool.cache_deltas()["loads"] == 0  # deltas, not totals
+    reader = StatsReader(redis, keys)
+    for stats in (reader.worker("w1"), reader.fleet()):
+        assert (stats.cache_loads, stats.cache_load_ms_total, stats.cache_evicted_age_seconds_total) == (2, 500, 30)
+    assert redis.hget(keys.worker_stats("w1"), "cache_load_ms") == b"500"

@@ -123,3 +123,15 @@ def test_the_outcome_writer_keeps_made_up_models_out_of_the_stats(redis) -> None
     assert stats_from_hash(redis.hgetall(keys.fleet_stats())).total_predictions == 2
     writer.progress("j3", 1, 2, [JobOutcome.of("MADE_1h_patchtst", ModelNotFoundError("gone"))])
     assert not redis.exists(keys.model_stats("MADE_1h_patchtst"))
+
+
+def test_cache_loads_load_time_and_ages_at_eviction_are_read_back(redis) -> None:
+    keys = Keys("t")
+    writer = StatsWriter(redis, keys, "w1", started_at=100.0)
+    writer.record([], cache={"loads": 2, "load_ms": 7, "evicted_age_s": 40, "evictions_lru": 1, "evictions": 1})
+    writer.record([], cache={"loads": 1, "load_ms": 3, "evicted_age_s": 0})
+    for raw in (redis.hgetall(keys.worker_stats("w1")), redis.hgetall(keys.fleet_stats())):
+        stats = stats_from_hash(raw)
+        assert (stats.cache_loads, stats.cache_load_ms_total, stats.cache_evicted_age_seconds_total) == (3, 10, 40)
+        assert stats.cache_evictions_by_reason == {"lru": 1}  # the new fields are no eviction reason
+    assert stats_from_hash({}).cache_loads == 0

@@ -3,7 +3,9 @@
 Evicts by all three of: LRU over ``max_models``, a memory budget counted from the real parameter and buffer
 bytes of each model, and an idle TTL (a model unused for ``ttl_seconds`` is dropped). Built on cachetools'
 ``TTLCache``, which already orders by recency, sizes entries and expires them; this module adds the count
-bound, idle (not insert-time) expiry, eviction callbacks and counters.
+bound, idle (not insert-time) expiry, eviction callbacks and counters: hits, misses, evictions by reason, cold
+loads with the time they took, and the time each evicted model had been resident (its age at eviction, as
+ModelMesh reports it), summed.
 
 Lives inside one worker process; it is thread-safe so that a batching thread and the task thread can share it.
 """
@@ -28,14 +30,23 @@ class CacheCounters:
     hits: int = 0
     misses: int = 0
     evictions: dict[str, int] = field(default_factory=lambda: {"lru": 0, "memory": 0, "ttl": 0, "manual": 0})
+    loads: int = 0
+    """Models put in the cache (each one a cold load)."""
+    load_seconds: float = 0.0
+    """Time those loads took, summed."""
+    evicted_age_seconds: float = 0.0
+    """Time each model evicted on its own (not by an unload) had been resident, summed."""
 
     @property
     def total_evictions(self) -> int:
         return sum(v for k, v in self.evictions.items() if k != "manual")
 
     def snapshot(self) -> dict[str, int]:
+        """Integer counters; the sums are rounded totals, so that differences of snapshots lose nothing."""
         return {"hits": self.hits, "misses": self.misses, "evictions": self.total_evictions,
-                **{f"evictions_{k}": v for k, v in self.evictions.items()}}
+                **{f"evictions_{k}": v for k, v in self.evictions.items()},
+                "loads": self.loads, "load_ms": round(self.load_seconds * 1000),
+                "evicted_age_s": round(self.evicted_age_seconds)}
 
 
 class _NotifyingTTLCache(TTLCache):
@@ -68,7 +79,7 @@ class ModelCache(Generic[V]):
         sizeof: the size in bytes of a value (the model's real parameter and buffer bytes).
         on_evict: called as ``on_evict(key, value, reason)`` after an entry leaves on its own
             (reason ``lru``, ``memory`` or ``ttl``) or by :meth:`pop` (``manual``); it unloads the model.
-        timer: the clock (a fake one in tests).
+        timer: the clock of the idle TTL and of the ages at eviction (a fake one in tests).
     """
 
     def __init__(self, max_models: int, max_bytes: int, ttl_seconds: float, sizeof: Callable[[V], int],
@@ -76,6 +87,8 @@ class ModelCache(Generic[V]):
         self.max_models = max_models
         self.max_bytes = max_bytes
         self.counters = CacheCounters()
+        self.timer = timer
+        self._inserted: dict[Hashable, float] = {}
         self._on_evict = on_evict
         self._sizeof = sizeof
         self._lock = threading.RLock()
@@ -83,6 +96,9 @@ class ModelCache(Generic[V]):
 
     def _evicted(self, key: Hashable, value: V, reason: str) -> None:
         self.counters.evictions[reason] = self.counters.evictions.get(reason, 0) + 1
+        inserted = self._inserted.pop(key, None)
+        if inserted is not None and reason != "manual":
+            self.counters.evicted_age_seconds += max(0.0, self.timer() - inserted)
         if self._on_evict is not None:
             self._on_evict(key, value, reason)
 
@@ -111,8 +127,9 @@ class ModelCache(Generic[V]):
             self._cache.expire()
             return self._quiet_get(key)
 
-    def put(self, key: Hashable, value: V) -> None:
-        """Insert, evicting least recently used entries until the count and the memory budget hold."""
+    def put(self, key: Hashable, value: V, load_seconds: float = 0.0) -> None:
+        """Insert a freshly loaded model (a cold load that took ``load_seconds``), evicting least recently used
+        entries until the count and the memory budget hold."""
         size = self._sizeof(value)
         if size > self.max_bytes:
             raise ModelLoadError(
@@ -129,6 +146,9 @@ class ModelCache(Generic[V]):
             finally:
                 self._cache.reason = "memory"
             self._cache[key] = value
+            self._inserted[key] = self.timer()
+            self.counters.loads += 1
+            self.counters.load_seconds += max(0.0, load_seconds)
 
     def pop(self, key: Hashable) -> V | None:
         """Remove an entry on request (an unload job); the eviction callback runs with reason ``manual``."""

@@ -82,7 +82,9 @@ class ServingAdapter(ABC):
         return any(info.model_id == model_id for info in self.list_loaded_models())
 
     def cache_counters(self) -> dict[str, int]:
-        """Cache hit / miss / eviction counters of this process (zeros for adapters without a cache)."""
+        """Cache counters of this process: hits, misses, evictions (and ``evictions_<reason>``), ``loads``,
+        ``load_ms``, ``evicted_age_s`` (see :class:`~workers.serving.cache.CacheCounters`); zeros for adapters
+        without a cache."""
         return {"hits": 0, "misses": 0, "evictions": 0}
 
     def close(self) -> None:

@@ -93,6 +93,7 @@ class LocalTorchAdapter(ServingAdapter):
         if cached is not None and cached.info.model_path == str(Path(model_path).resolve()):
             self.cache.get(model_id)  # refresh recency: a load of a loaded model is a use
             return cached.info
+        started = self.cache.timer()
         artifacts = self.store.load_from_path(model_path)
         if artifacts.config.get("model_type") != ModelType(model_type).value:
             raise ModelLoadError(f"{model_path} holds a {artifacts.config.get('model_type')} model, "
@@ -114,7 +115,8 @@ class LocalTorchAdapter(ServingAdapter):
                       "config": _public_config(artifacts.config),
                       "heldout": artifacts.meta.get("heldout", {}), **self._load_metadata(handle)},
         )
-        self.cache.put(model_id, LoadedModel(info, forward, artifacts.config, artifacts.meta, size, handle))
+        self.cache.put(model_id, LoadedModel(info, forward, artifacts.config, artifacts.meta, size, handle),
+                       load_seconds=self.cache.timer() - started)
         return info
 
     def touch(self, model_id: str) -> bool:
