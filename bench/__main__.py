@@ -113,5 +113,21 @@ def render(results_json: Path) -> None:
     click.echo(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
 
 
+@cli.command()
+@click.option("--repeats", type=click.IntRange(2, 10_000), default=50, show_default=True,
+              help="Cold loads per model and path.")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Torch threads (a worker process on this 2-core machine gets 1).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS,
+              show_default=True, help="Where the .md and .json go.")
+def coldload(repeats: int, threads: int, out_dir: Path) -> None:
+    """Cold-load time (disk to first forward) of a small and a reference model of every type, old path vs new."""
+    from bench import coldload as cold
+
+    paths = cold.run(out_dir, repeats=repeats, threads=threads)
+    click.echo(paths["md"].read_text(), nl=False)
+    click.echo(f"results: {paths['md']}, {paths['json']}", err=True)
+
+
 if __name__ == "__main__":
     cli()
