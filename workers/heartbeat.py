@@ -53,6 +53,8 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating and leave the live set and routing (best effort: Redis may be gone)."""
         self._stop.set()
+        if self._thread is not None:  # a beat in flight would list this process again after it left
+            self._thread.join(5)
         if self.member is not None:
             self.member.leave()
         try:
