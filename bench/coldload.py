@@ -13,7 +13,9 @@ load by load so that a noisy neighbour weighs on all of them alike:
 * ``reload``: today's path for a file the store has already checked (a model evicted and loaded again).
 * ``first``: today's path for the first model of its architecture in the process (templates cleared first).
 
-Weights are random-init (seeded): loading does not depend on what the weights learnt.
+Beside them, each stage of a load timed one by one (:func:`stages`: config read, sha256, validation, the
+safetensors read, the old build and the new one, the first forward) shows where the time goes. Weights are
+random-init (seeded): loading does not depend on what the weights learnt.
 """
 
 from __future__ import annotations
@@ -151,6 +153,53 @@ def _cold_load(make_adapter: Callable[[], Any], subject: Subject) -> float:
     return elapsed
 
 
+#: The stages of a load, timed one by one outside the adapter (:func:`stages`); ``construct`` and
+#: ``load_state_dict`` are the old path's build, ``clone`` the new one's.
+STAGES = ("read_json", "sha256", "validate", "load_file", "construct", "load_state_dict", "clone", "forward")
+
+
+def stages(subject: Subject, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each stage of loading ``subject`` (see :data:`STAGES`), after one warm-up."""
+    import torch
+    from safetensors.torch import load_file
+
+    from shared import store_layout
+    from shared.schemas import ModelType
+    from workers.models import templates
+    from workers.models.registry import MODEL_CLASSES, validate_config
+    from workers.serving.examples import example_inputs
+    from workers.store import file_sha256
+
+    weights = subject.path / store_layout.WEIGHTS_FILE
+    config = store_layout.read_json(subject.path / store_layout.CONFIG_FILE)
+    x = example_inputs(subject.model_type, config, batch=1)
+    samples: dict[str, list[float]] = {name: [] for name in STAGES}
+    for i in range(repeats + 1):
+        marks = [time.perf_counter()]
+        config = store_layout.read_json(subject.path / store_layout.CONFIG_FILE)
+        store_layout.read_json(subject.path / store_layout.META_FILE)
+        marks.append(time.perf_counter())
+        file_sha256(weights)
+        marks.append(time.perf_counter())
+        typed = validate_config(subject.model_type, config)
+        marks.append(time.perf_counter())
+        state = load_file(str(weights))
+        marks.append(time.perf_counter())
+        old = MODEL_CLASSES[ModelType(subject.model_type)](typed).eval()
+        marks.append(time.perf_counter())
+        old.load_state_dict(state, strict=True)
+        marks.append(time.perf_counter())
+        new = templates.restore(subject.model_type, typed, state)
+        marks.append(time.perf_counter())
+        with torch.inference_mode():
+            new(x)
+        marks.append(time.perf_counter())
+        if i:
+            for name, lo, hi in zip(STAGES, marks, marks[1:]):
+                samples[name].append((hi - lo) * 1000)
+    return {name: round(statistics.median(v), 3) for name, v in samples.items()}
+
+
 def _summary(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": round(percentile(samples, 50), 3), "p99_ms": round(percentile(samples, 99), 3),
             "mean_ms": round(statistics.fmean(samples), 3), "n": len(samples)}
@@ -204,6 +253,7 @@ def measure(store_dir: Path, model_dirs: list[Path] | None = None, repeats: int 
         row = {"model_type": subject.model_type, "size": subject.size, "n_params": subject.n_params,
                "weights_bytes": subject.weights_bytes, **{name: _summary(s) for name, s in samples.items()}}
         row["speedup_p50"] = round(row["old"]["p50_ms"] / row["new"]["p50_ms"], 2)
+        row["stages_ms"] = stages(subject, repeats)
         models.append(row)
     small = next((m for m in models if m["model_type"] == "patchtst" and m["size"] == "small"), None)
     target = None
@@ -232,6 +282,14 @@ def render(result: dict) -> str:
     for m in result["models"]:
         cells = " | ".join(f"{m[p]['p50_ms']:.2f} / {m[p]['p99_ms']:.2f}" for p in PATHS)
         lines.append(f"| {m['model_type']} | {m['size']} | {m['n_params']:,} | {cells} | {m['speedup_p50']:.1f}x |")
+    lines += ["", "Where the time goes: median ms of each stage, timed one by one outside the adapter (`construct` "
+                  "runs every initialiser and `load_state_dict` copies the weights in: the old build; `clone` is the "
+                  "new one; `forward` is the first forward of the new model, batch 1).", "",
+              "| model | size | " + " | ".join(STAGES) + " |", "|---|---|" + "---:|" * len(STAGES)]
+    for m in result["models"]:
+        if "stages_ms" in m:
+            lines.append(f"| {m['model_type']} | {m['size']} | "
+                         + " | ".join(f"{m['stages_ms'][name]:.2f}" for name in STAGES) + " |")
     target = result.get("target")
     if target:
         lines += ["", f"Target: {target['what']}: {target['measured_ms']:.2f} ms, "

@@ -25,6 +25,7 @@ def test_measure_reports_every_path_of_one_small_model(tmp_path: Path) -> None:
         assert row[name]["n"] == 2 and 0 < row[name]["p50_ms"] <= row[name]["p99_ms"]
     assert row["n_params"] > 0 and row["weights_bytes"] > 0 and row["speedup_p50"] > 0
     assert result["target"]["measured_ms"] == row["new"]["p50_ms"]
+    assert set(row["stages_ms"]) == set(coldload.STAGES) and row["stages_ms"]["forward"] > 0
     markdown = coldload.render(result)
     assert "| patchtst | small |" in markdown and "Target:" in markdown
     assert "coldload" in cli.commands
