@@ -141,8 +141,8 @@ for _, w in ipairs(candidates) do
 end
 local how = 'holder'
 if best == nil then
-  -- Placement, as ModelMesh does: where loading evicts least (the member's cost: 0 with a free slot, else the
-  -- recency of what it would evict, below 1) plus what already waits there.
+  -- Placement, as ModelMesh does: where loading evicts least (the member's cost, below 0.5 with room, else
+  -- by the recency of what it would evict, below 1) plus what already waits there.
   how = held and 'copy' or 'place'
   local members = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
   local best_cost = nil

@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 PoolKey = tuple[str, str]
 
 
+def placement_cost(fill: float, coldest_idle_s: float) -> float:
+    """What loading one more model into a cache costs, for the router's placement (lower is cheaper).
+
+    Below 0.5 while the cache has room (``fill`` < 1, counting models and memory): its fill, so that new models
+    spread over emptier processes first. Full: ``0.5 + 0.5 / (1 + s)``, ``s`` being how long ago the model it
+    would evict was last used: the process whose coldest model has idled longest evicts least (ModelMesh's
+    cache age).
+    """
+    if fill < 1.0:
+        return 0.5 * max(0.0, fill)
+    return 0.5 + 0.5 / (1.0 + max(0.0, coldest_idle_s))
+
+
 class AdapterPool:
     """Adapters by ``(adapter, device)``, their set-up failures, their caches' counters."""
 
@@ -86,9 +99,8 @@ class AdapterPool:
         return deltas
 
     def placement_cost(self) -> float:
-        """What loading one more model here costs, for the router's placement (lower is cheaper): 0 while a
-        cache has room (count and memory), else ``1 / (1 + s)`` where ``s`` is how long ago the model it would
-        evict was last used: a process whose coldest model has idled longest evicts least."""
+        """What loading one more model here costs, for the router's placement (:func:`placement_cost`); the
+        cheapest of this process's adapters."""
         now = time.monotonic()
         costs = []
         for adapter in list(self._adapters.values()):
@@ -96,14 +108,11 @@ class AdapterPool:
             if cache is None:
                 continue
             entries = cache.items()
-            room = len(entries) < cache.max_models
-            if room and entries:  # memory: room for one more of the average size
-                room = cache.current_bytes + cache.current_bytes / len(entries) <= cache.max_bytes
-            if room:
-                costs.append(0.0)
-                continue
+            fill = len(entries) / cache.max_models
+            if entries:  # memory: room for one more of the average size
+                fill = max(fill, (cache.current_bytes + cache.current_bytes / len(entries)) / cache.max_bytes)
             coldest = min((self._last_used.get(str(key), 0.0) for key, _ in entries), default=now)
-            costs.append(1.0 / (1.0 + max(0.0, now - coldest)))
+            costs.append(placement_cost(fill, now - coldest))
         return min(costs, default=0.0)
 
     def expire_idle(self) -> None:
