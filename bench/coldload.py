@@ -276,6 +276,8 @@ def render(result: dict) -> str:
              "architecture, weights memory-mapped.",
              "- **reload**: a file the store has already checked (a model evicted and loaded again).",
              "- **first**: the first model of its architecture in the process (the template is built).", "",
+             f"A p99 of {result['repeats']} loads is the worst load or two: on a machine shared with other work a "
+             "single garbage collection or a neighbour's burst sets it; compare the p50s.", "",
              "| model | size | params | old p50 / p99 ms | new p50 / p99 ms | reload p50 / p99 ms "
              "| first p50 / p99 ms | old / new (p50) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
