@@ -129,5 +129,30 @@ def coldload(repeats: int, threads: int, out_dir: Path) -> None:
     click.echo(f"results: {paths['md']}, {paths['json']}", err=True)
 
 
+@cli.command()
+@click.option("--quick", is_flag=True, help="4 processes, 10 s windows, a shorter simulation: indicative only.")
+@click.option("--systems", default="a,b,c", show_default=True,
+              help="Comma-separated subset of a (plain routing), b (cache-aware), c (Ray Serve multiplexing).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS,
+              show_default=True, help="Where the .md and .json go.")
+def models(quick: bool, systems: str, out_dir: Path) -> None:
+    """1,000 models under a Zipf trace: the fleet's plain and cache-aware routing, Ray Serve's multiplexing, the
+    ideal LRU, and a simulation of 8, 32 and 128 processes."""
+    from bench.manymodels import run as many
+
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in ("a", "b", "c")]
+    if unknown:
+        raise click.BadParameter(f"unknown systems {unknown}; choose from a, b, c")
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        click.echo(f"{time.monotonic() - started:7.1f}s  {message}", err=True)
+
+    paths = many.run(many.MODES["quick" if quick else "full"], chosen, out_dir, log)
+    click.echo(paths["md"].read_text(), nl=False)
+    click.echo(f"results: {paths['md']}, {paths['json']}", err=True)
+
+
 if __name__ == "__main__":
     cli()

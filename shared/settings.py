@@ -164,9 +164,10 @@ class RoutingSettings(BaseSettings):
     cache_aware: bool = True
     """Send a predict or load job to a live process of its pool that holds its model (or to the one where loading
     it evicts least) through that process's own queue; off, every job goes to the pool queue."""
-    max_backlog: int = Field(32, ge=1)
+    max_backlog: int = Field(8, ge=1)
     """A process with this many jobs waiting in its own queue takes no more routed jobs: the next go to another
-    holder, to a new copy of the model, or to the pool queue."""
+    holder, to a new copy of the model, or to the pool queue. The default is a forward's worth of rows
+    (``BATCH_PREFERRED_BATCH_SIZE``): more waiting behind one process costs latency a copy would save."""
 
 
 class FleetSettings(BaseSettings):
