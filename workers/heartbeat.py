@@ -35,7 +35,7 @@ class Heartbeat:
         self.stats.heartbeat(models, queues=self.queues, healthy=int(healthy), unhealthy_reason=reason,
                              pid=os.getpid())
         if self.member is not None:
-            self.member.publish([m.model_id for m in models], self.pool.placement_cost())
+            self.pool.copies_elsewhere = self.member.publish([m.model_id for m in models], self.pool.placement_cost())
 
     def _loop(self) -> None:
         while not self._stop.wait(WORKER_HEARTBEAT_INTERVAL_S):

@@ -174,3 +174,31 @@ def test_the_fetch_keeps_priority_across_the_own_and_the_pool_queue(redis):
     redis.lpush(routing.priority_list(QUEUE, 0), message("pool-urgent"))
     ids = [json.loads(m)["headers"]["id"] for m in fetcher(redis, 4).fetch(block_s=0).raws]
     assert ids == ["pool-urgent", "own-low"]
+
+
+def test_publishing_tells_which_held_models_other_processes_hold_too(redis):
+    join(redis, "n@h|2", held=(MODEL,))
+    member = join(redis, "n@h|1")
+    assert member.publish([MODEL, "B_1h_patchtst"], 0.1) == {MODEL}
+    RoutingMember(redis, KEYS, "n@h|2", QUEUE, router()).leave()  # the other copy goes: none left elsewhere
+    assert member.publish([MODEL, "B_1h_patchtst"], 0.1) == frozenset()
+
+
+def test_a_full_cache_makes_room_by_dropping_a_cold_copy_rather_than_the_fleet_s_only_copy():
+    from types import SimpleNamespace
+
+    from workers.serving.cache import ModelCache
+    from workers.serving.pool import AdapterPool
+
+    cache = ModelCache(max_models=3, max_bytes=10**9, ttl_seconds=3600, sizeof=lambda _: 1)
+    pool = AdapterPool(FleetSettings())
+    adapter = SimpleNamespace(cache=cache)
+    for i, model in enumerate(("only-here", "copy", "hot")):
+        cache.put(model, object())
+        pool._last_used[model] = float(i)
+    pool._drop_a_cold_copy(adapter, "incoming")
+    assert "copy" in cache  # nothing is held elsewhere: the cache's own LRU decides
+    pool.copies_elsewhere = frozenset({"copy"})
+    pool._drop_a_cold_copy(adapter, "incoming")
+    assert "copy" not in cache and "only-here" in cache
+    assert cache.counters.evictions["copy"] == 1

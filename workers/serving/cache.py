@@ -29,7 +29,8 @@ EvictCallback = Callable[[Hashable, Any, str], None]
 class CacheCounters:
     hits: int = 0
     misses: int = 0
-    evictions: dict[str, int] = field(default_factory=lambda: {"lru": 0, "memory": 0, "ttl": 0, "manual": 0})
+    evictions: dict[str, int] = field(default_factory=lambda: {"lru": 0, "memory": 0, "ttl": 0, "copy": 0,
+                                                               "manual": 0})
     loads: int = 0
     """Models put in the cache (each one a cold load)."""
     load_seconds: float = 0.0
@@ -78,7 +79,7 @@ class ModelCache(Generic[V]):
         ttl_seconds: an entry not read or written for this long is evicted.
         sizeof: the size in bytes of a value (the model's real parameter and buffer bytes).
         on_evict: called as ``on_evict(key, value, reason)`` after an entry leaves on its own
-            (reason ``lru``, ``memory`` or ``ttl``) or by :meth:`pop` (``manual``); it unloads the model.
+            (reason ``lru``, ``memory`` or ``ttl``) or by :meth:`pop` (``manual``, ``copy``); it unloads the model.
         timer: the clock of the idle TTL and of the ages at eviction (a fake one in tests).
     """
 
@@ -150,12 +151,13 @@ class ModelCache(Generic[V]):
             self.counters.loads += 1
             self.counters.load_seconds += max(0.0, load_seconds)
 
-    def pop(self, key: Hashable) -> V | None:
-        """Remove an entry on request (an unload job); the eviction callback runs with reason ``manual``."""
+    def pop(self, key: Hashable, reason: str = "manual") -> V | None:
+        """Remove an entry on request: an unload job (reason ``manual``), or the pool making room by dropping a
+        model other processes also hold (``copy``); the eviction callback runs with the reason."""
         with self._lock:
             value = self._cache.pop(key, None)
             if value is not None:
-                self._evicted(key, value, "manual")
+                self._evicted(key, value, reason)
             return value
 
     def expire(self) -> list[Hashable]:

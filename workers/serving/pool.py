@@ -25,6 +25,10 @@ from workers.serving.adapters.base import ServingAdapter
 
 log = logging.getLogger(__name__)
 PoolKey = tuple[str, str]
+#: Models whose last use the pool remembers at most (past it, those it no longer holds are forgotten).
+LAST_USED_MAX = 4096
+#: How far from the least recently used end a copy held elsewhere is evicted in its stead.
+COPY_WINDOW = 4
 
 
 def placement_cost(fill: float, coldest_idle_s: float) -> float:
@@ -51,6 +55,9 @@ class AdapterPool:
         self._reported: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         """Model id -> when a job last used it (monotonic): how cold the model a new load would evict is."""
+        self.copies_elsewhere: frozenset[str] = frozenset()
+        """Models this process holds that other live processes of its pool hold too (the router's view, renewed
+        with each heartbeat): the first to make room for a new one."""
 
     def setup(self, pools: Sequence[PoolKey]) -> None:
         """Create the adapter of each pool now; a failure is recorded (see :meth:`health`), never raised."""
@@ -127,15 +134,29 @@ class AdapterPool:
         touch = getattr(adapter, "touch", None)
         hit = touch(key.model_id) if touch else adapter.is_loaded(key.model_id)
         self._last_used[key.model_id] = time.monotonic()
-        if len(self._last_used) > 4 * max(1, len(self.loaded_models())) + 64:  # bounded: forget models gone
+        if len(self._last_used) > LAST_USED_MAX:  # bounded: forget the models no longer held
             held = {m.model_id for m in self.loaded_models()}
             self._last_used = {k: v for k, v in self._last_used.items() if k in held}
         if hit and version is None:
             return 0.0
+        if not hit:
+            self._drop_a_cold_copy(adapter, key.model_id)
         started = time.perf_counter()
         path = store_layout.model_dir(self.settings.model_store_dir, key, version)
         adapter.load_model(path, key.symbol, key.timeframe, key.model_type)
         return (time.perf_counter() - started) * 1000
+
+    def _drop_a_cold_copy(self, adapter: ServingAdapter, incoming: str) -> None:
+        """Before a load into a full cache: among its :data:`COPY_WINDOW` least recently used models, evict one that
+        other processes hold too (``copies_elsewhere``), rather than the least recent model, which may be the
+        only copy in the fleet. A hot model's extra copies go first once it cooled down."""
+        cache = getattr(adapter, "cache", None)
+        if cache is None or not self.copies_elsewhere or len(cache) < cache.max_models:
+            return
+        coldest = sorted((str(k) for k, _ in cache.items()), key=lambda k: self._last_used.get(k, 0.0))
+        victim = next((k for k in coldest[:COPY_WINDOW] if k in self.copies_elsewhere and k != incoming), None)
+        if victim is not None:
+            cache.pop(victim, reason="copy")
 
     def predict(self, jobs: Sequence[PredictJob]) -> tuple[list[PredictionResult | FleetError], float]:
         """Run predict jobs, those of one model as shared forwards; returns (outcome per job, load ms).

@@ -18,6 +18,10 @@ from shared.routing import JobRouter
 log = logging.getLogger(__name__)
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RoutingMember:
     """One consumer process of one pool queue, as the router sees it."""
 
@@ -36,19 +40,25 @@ class RoutingMember:
 
         return redis_list_keys(self.keys.worker_queue(self.worker_id))
 
-    def publish(self, model_ids: Iterable[str], cost: float) -> None:
-        """Hold ``model_ids`` (and no others) and cost ``cost`` to load one more model (one MULTI)."""
-        held = set(model_ids)
+    def publish(self, model_ids: Iterable[str], cost: float) -> frozenset[str]:
+        """Hold ``model_ids`` (and no others) and cost ``cost`` to load one more model (one MULTI); returns those
+        of ``model_ids`` that other processes in routing hold too (copies)."""
+        held = sorted(set(model_ids))
         pipe = self.redis.pipeline(transaction=True)
         for model_id in held:
             key = self.keys.model_holders(self.queue, model_id)
             pipe.sadd(key, self.worker_id)
             pipe.expire(key, MODEL_HOLDERS_TTL_S)
-        for model_id in self._published - held:
+            pipe.smembers(key)
+        for model_id in self._published - set(held):
             pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
         pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
-        pipe.execute()
-        self._published = held
+        pipe.zrange(self.keys.routing_members(self.queue), 0, -1)
+        replies = pipe.execute()
+        self._published = set(held)
+        members = {_text(m) for m in replies[-1]} - {self.worker_id}
+        return frozenset(m for m, holders in zip(held, replies[2::3])
+                         if members & {_text(h) for h in holders})
 
     def leave(self) -> int:
         """Stop being routed to: drop the holdings, give the own queue back to the pool queue (returns how many
