@@ -178,7 +178,9 @@ def _ray(ctx: dict, mode: ModelsMode, log: Callable[[str], None]) -> dict:
 
     from bench.manymodels.ray_serve import RayMultiplex, make_body
 
-    ray = RayMultiplex(ctx["store"], mode.processes, mode.cache_per_process, 1)
+    # NOTE: Serve's default of 5 requests in flight per replica collapses its throughput at 32 in flight (its
+    # router backs off while every replica is full); it is given what the load generator sends at most.
+    ray = RayMultiplex(ctx["store"], mode.processes, mode.cache_per_process, 1, max_ongoing_requests=mode.concurrency)
     bodies = [make_body(s) for s in ctx["series"]]
     try:
         ray.start()

@@ -202,3 +202,19 @@ def test_a_full_cache_makes_room_by_dropping_a_cold_copy_rather_than_the_fleet_s
     pool._drop_a_cold_copy(adapter, "incoming")
     assert "copy" not in cache and "only-here" in cache
     assert cache.counters.evictions["copy"] == 1
+
+
+def test_an_idle_process_steals_half_of_what_waits_behind_the_busiest_one(redis):
+    busy = join(redis, "n@h|2", held=(MODEL,))
+    idle = join(redis, "n@h|1")
+    assert idle.busiest(2) is None
+    for i in range(6):
+        send(redis, router(max_backlog=10), f"j{i}")
+    assert own(redis, "n@h|2") == [f"j{i}" for i in range(6)]
+    lists, waiting = idle.busiest(2)
+    assert lists == busy.lists and waiting == 6
+    batch = fetcher(redis, 32).steal(lists, (waiting + 1) // 2)
+    assert [json.loads(m)["headers"]["id"] for m in batch.raws] == ["j0", "j1", "j2"]  # the oldest
+    assert own(redis, "n@h|2") == ["j3", "j4", "j5"]
+    # recorded as held by the thief (given back by its supervisor if it dies), begun as its own fetch
+    assert redis.hlen(KEYS.worker_deliveries("n@h|1")) == 3 and all(b is not None for b in batch.begun)

@@ -27,6 +27,8 @@ from workers.process import ProcessContext
 from workers.reaper import Reaper
 
 log = logging.getLogger(__name__)
+#: An idle consumer takes work from another process's own queue only when at least this many jobs wait there.
+STEAL_AT_LEAST = 2
 
 
 class Consumer:
@@ -40,7 +42,7 @@ class Consumer:
         settings = context.settings
         self.keys = context.keys
         self.held_key = self.keys.worker_deliveries(context.worker_id)
-        member = getattr(context, "member", None)
+        member = context.member
         self.fetcher = BatchFetcher(self.redis, routing.redis_list_keys(queue), self.keys, context.worker_id,
                                     settings.result_ttl_seconds, settings.batch.max_batch_size,
                                     own_lists=member.lists if member is not None else ())
@@ -114,6 +116,20 @@ class Consumer:
                     self.events.succeeded(d.job_id, runtime)
             self.events.flush()
 
+    def _steal(self) -> Fetched | None:
+        """With nothing in its own or the pool queue, take half of what waits behind the busiest other process
+        (at least :data:`STEAL_AT_LEAST` jobs waiting): routed jobs never wait while a process idles. The thief
+        loads the model if it lacks it, and so becomes one more holder of a model busy enough to need it."""
+        member = self.context.member
+        if member is None:
+            return None
+        found = member.busiest(STEAL_AT_LEAST)
+        if found is None:
+            return None
+        lists, waiting = found
+        batch = self.fetcher.steal(lists, min(self.fetcher.max_messages, (waiting + 1) // 2))
+        return batch if batch.raws else None
+
     def run(self) -> None:
         log.info("batching consumer %s on %s (and its own queue), batches of up to %d", self.context.worker_id,
                  self.queue, self.fetcher.max_messages)
@@ -132,7 +148,9 @@ class Consumer:
                     self.redis.sadd(self.keys.delivery_holders(), self.context.worker_id)
                     stranded = False
                 self.reaper.maybe_run()  # lost workers, then the visibility sweep
-                batch = self.fetcher.fetch(block_s=1.0)
+                batch = self.fetcher.fetch(block_s=0)
+                if not batch.raws:
+                    batch = self._steal() or self.fetcher.fetch(block_s=1.0)
             except Exception as exc:
                 log.error("fetching from Redis failed (%s); retrying", exc)
                 self._stop.wait(1.0)

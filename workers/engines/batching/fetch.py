@@ -177,10 +177,18 @@ class BatchFetcher:
         self._script = redis.register_script(_FETCH)
         self._waker: Waker | None = None
 
-    def _run(self) -> Fetched:
+    def _run(self, keys: Sequence[str] | None = None, args: Sequence[Any] | None = None,
+             max_messages: int | None = None) -> Fetched:
         now = time.time()
-        raws, begun = self._script(keys=self.keys, args=[self.max_messages, repr(now), *self.args])
+        raws, begun = self._script(keys=keys or self.keys,
+                                   args=[max_messages or self.max_messages, repr(now), *(args or self.args)])
         return Fetched(list(raws), now, [None if int(b[0]) < 0 else parse_begun(b, now) for b in begun])
+
+    def steal(self, lists: Sequence[str], max_messages: int) -> Fetched:
+        """Up to ``max_messages`` from another process's own queue (its lists in priority order), recorded and
+        begun as this process's own fetch: an idle process takes work a busy one has waiting."""
+        keys = [*lists, *self.keys[-3:]]
+        return self._run(keys, [*self.args[:-2], 0, max_messages], max_messages)
 
     def fetch(self, block_s: float = 1.0) -> Fetched:
         """Up to ``max_messages`` messages; waits up to ``block_s`` for the first when the queue is empty."""

@@ -60,6 +60,26 @@ class RoutingMember:
         return frozenset(m for m, holders in zip(held, replies[2::3])
                          if members & {_text(h) for h in holders})
 
+    def busiest(self, at_least: int) -> tuple[list[str], int] | None:
+        """The own lists of the other process in routing with the most jobs waiting (at least ``at_least``), and
+        how many wait there; None when no one has that many."""
+        from shared.routing import redis_list_keys
+
+        others = [_text(m) for m in self.redis.zrange(self.keys.routing_members(self.queue), 0, -1)]
+        others = [m for m in others if m != self.worker_id]
+        if not others:
+            return None
+        lists = {m: redis_list_keys(self.keys.worker_queue(m)) for m in others}
+        pipe = self.redis.pipeline(transaction=False)
+        for m in others:
+            for key in lists[m]:
+                pipe.llen(key)
+        lengths = pipe.execute()
+        steps = len(lists[others[0]])
+        waiting = {m: sum(lengths[i * steps:(i + 1) * steps]) for i, m in enumerate(others)}
+        victim = max(others, key=lambda m: waiting[m])
+        return (lists[victim], waiting[victim]) if waiting[victim] >= at_least else None
+
     def leave(self) -> int:
         """Stop being routed to: drop the holdings, give the own queue back to the pool queue (returns how many
         messages went back). Best effort: with Redis away, the supervisor or the reaper does it later."""
