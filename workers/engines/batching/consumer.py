@@ -5,6 +5,10 @@ It keeps Celery's wire contract — producers ``send_task('fleet.predict', kwarg
 one Lua call (:mod:`workers.engines.batching.fetch`) pops up to ``BATCH_MAX_BATCH_SIZE`` messages, records them
 as unacknowledged and held by this process and begins their jobs; the executor runs them (one forward per model)
 and stores results, records, events, stats and the acks in one MULTI. Task events go out once per batch.
+
+With cache-aware routing (:mod:`shared.routing`) the consumer also takes jobs from its own queue, those the router
+sent it because it holds their model, before the pool queue's of the same priority; idle, it steals from the
+busiest other process of its pool.
 """
 
 from __future__ import annotations
