@@ -31,8 +31,6 @@ from workers.process import ProcessContext
 from workers.reaper import Reaper
 
 log = logging.getLogger(__name__)
-#: An idle consumer takes work from another process's own queue only when at least this many jobs wait there.
-STEAL_AT_LEAST = 2
 
 
 class Consumer:
@@ -122,12 +120,13 @@ class Consumer:
 
     def _steal(self) -> Fetched | None:
         """With nothing in its own or the pool queue, take half of what waits behind the busiest other process
-        (at least :data:`STEAL_AT_LEAST` jobs waiting): routed jobs never wait while a process idles. The thief
+        when as many wait there as the router sends it at most (``ROUTING_MAX_BACKLOG``): a holder that keeps up
+        serves its own models, one that fell behind does not keep jobs waiting while a process idles. The thief
         loads the model if it lacks it, and so becomes one more holder of a model busy enough to need it."""
         member = self.context.member
         if member is None:
             return None
-        found = member.busiest(STEAL_AT_LEAST)
+        found = member.busiest(self.context.settings.routing.max_backlog)
         if found is None:
             return None
         lists, waiting = found
