@@ -5,14 +5,11 @@ cache-aware routing and copies (the default), ``processes`` consumers with cache
 from __future__ import annotations
 
 import json
-import subprocess
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 from bench.procs import Proc, free_port, python_env, wait_until
-from bench.systems.fleet import ROOT, fleet_argv
+from bench.systems.fleet import ROOT, bench_api_key, fleet_argv, wait_api_ready
 
 
 class FleetManyModels:
@@ -51,15 +48,8 @@ class FleetManyModels:
         self.api = Proc(f"fleet-api-{self.name}", fleet_argv("api", "--host", "127.0.0.1", "--port", str(port)),
                         self.env, self.log_dir, cwd=ROOT)
         self.url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
-                return resp.status == 200
-        wait_until(ready, 60, f"the fleet API ({self.name})", [self.api])
-        made = subprocess.run(fleet_argv("keys", "create", f"bench-{uuid.uuid4().hex[:6]}", "--scopes", "submit,read",
-                                         "--rate-limit", "100000000/minute"),
-                              env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-        self.api_key = made.stdout.strip().splitlines()[-1]
+        wait_api_ready(self.api, self.url, self.name)
+        self.api_key = bench_api_key(self.env)
 
     def procs(self) -> list[Proc]:
         return [p for p in (self.workers, self.api) if p is not None]

@@ -34,6 +34,28 @@ def fleet_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", "from producer_api.cli import main; main()", *args]
 
 
+def wait_api_ready(api: Proc, url: str, what: str) -> None:
+    """Wait until ``fleet api`` at ``url`` answers ``/readyz`` with 200."""
+    import urllib.request
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    wait_until(ready, 60, f"the fleet API ({what})", [api])
+
+
+def bench_api_key(env: dict[str, str]) -> str:
+    """A key for the load generator, made the way an operator makes one (``fleet keys create``).
+
+    The API runs as shipped, keys and rate limits on; the key's limit is one the benchmark never reaches (what
+    is measured is serving).
+    """
+    made = subprocess.run(fleet_argv("keys", "create", f"bench-{uuid.uuid4().hex[:6]}", "--scopes", "submit,read",
+                                     "--rate-limit", "100000000/minute"),
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return made.stdout.strip().splitlines()[-1]
+
+
 class FleetDeployment:
     """Workers of one mode (and, on demand, the API) on Redis database ``db``."""
 
@@ -87,18 +109,8 @@ class FleetDeployment:
                         self.env(), self.ctx.log_dir, cpus=self.ctx.server_cpus, cwd=ROOT)
         self.api_url = f"http://127.0.0.1:{port}"
         self.grpc_address = f"127.0.0.1:{grpc_port}"
-        import urllib.request
-
-        def ready() -> bool:
-            with urllib.request.urlopen(f"{self.api_url}/readyz", timeout=2) as resp:
-                return resp.status == 200
-        wait_until(ready, 60, f"the fleet API ({self.mode})", [self.api])
-        # The API runs as shipped, keys and rate limits on: the load generator gets a key of its own, made the way
-        # an operator makes one, with a limit the benchmark never reaches (what is measured is serving).
-        made = subprocess.run(fleet_argv("keys", "create", f"bench-{uuid.uuid4().hex[:6]}", "--scopes", "submit,read",
-                                         "--rate-limit", "100000000/minute"),
-                              env=self.env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-        self.api_key = made.stdout.strip().splitlines()[-1]
+        wait_api_ready(self.api, self.api_url, self.mode)
+        self.api_key = bench_api_key(self.env())
 
     def procs(self, with_api: bool) -> list[Proc]:
         return [p for p in (self.workers, self.api if with_api else None) if p is not None]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import fakeredis
 import fakeredis.aioredis
@@ -13,27 +12,12 @@ from shared import routing
 from shared.backlog import KOMBU_UNACKED, PoolBacklog, pool_backlogs, tally_unacked, unacked_by_routing_key
 from shared.celery_wire import task_message
 from shared.keys import Keys
+# The fake server and its asyncio (the API's) and sync (the workers') clients, as the API tests have them.
+from tests.unit.test_api_helpers import aredis, server, sredis  # noqa: F401
 from workers.engines.batching.fetch import BatchFetcher
 
 KEYS = Keys("t")
 SIMPLE, TRITON = routing.queue_name("simple", "cpu"), routing.queue_name("triton", "cpu")
-
-
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-async def aredis(server: fakeredis.FakeServer) -> Any:
-    client = fakeredis.aioredis.FakeRedis(server=server)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def sredis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server)
 
 
 def push(redis: fakeredis.FakeRedis, queue: str, broker_priority: int, job_id: str, target: str | None = None) -> None:
