@@ -20,7 +20,7 @@ from producer_api.context import CTX, ApiContext
 from producer_api.errors import error_middleware
 from producer_api.metrics import ApiMetrics
 from producer_api.records import JobRecords
-from producer_api.security.keystore import KeyStore, load_static_keys
+from producer_api.security.keystore import KeyStore, static_keys
 from producer_api.security.middleware import Guard, auth_middleware
 from producer_api.security.ratelimit import RateLimits
 from producer_api.service.streams import SocketSlots
@@ -93,7 +93,7 @@ def create_app(settings: FleetSettings | None = None, redis: Any = None, celery_
     celery_app = create_producer_celery(settings) if owned_celery else celery_app
     keys = Keys(settings.redis_key_prefix)
     keystore = KeyStore(redis, keys, settings.api_key_cache_seconds,
-                        static=load_static_keys(settings.api_keys_file) if settings.api_keys_file else None)
+                        static=static_keys(settings.api_keys_file, settings.api_metrics_key_file))
     guard = Guard(keystore, RateLimits(redis, keys.rate_limits(), settings.api_rate_limit,
                                        settings.api_rate_limits)) if settings.api_auth_enabled else None
     app = web.Application(client_max_size=settings.api_max_body_bytes,

@@ -231,6 +231,9 @@ class FleetSettings(BaseSettings):
     api_keys_file: Path | None = None
     """A JSON file of static keys (``[{"name", "key", "scopes"}]``), e.g. a mounted Kubernetes Secret; read at
     start-up, besides the keys stored in Redis."""
+    api_metrics_key_file: Path | None = None
+    """A file holding one key (the secret alone) that may read ``/metrics`` and nothing else, named
+    ``prometheus``: what a scraper sends as its bearer token (the Helm chart makes one for its PodMonitor)."""
     api_key_cache_seconds: float = Field(5.0, ge=0)
     """How long the API trusts a key it looked up (a revoked key stops working within this)."""
     api_rate_limit: str = "100/minute"

@@ -130,6 +130,40 @@ def load_static_keys(path: Path) -> dict[str, Principal]:
     return {k.hashed(): Principal(name=k.name, scopes=frozenset(k.scopes), rate_limit=k.rate_limit) for k in keys}
 
 
+#: The name of the ``API_METRICS_KEY_FILE`` key in logs and rate limits.
+METRICS_KEY_NAME = "prometheus"
+
+
+def load_metrics_key(path: Path) -> dict[str, Principal]:
+    """The scraper's key of an ``API_METRICS_KEY_FILE`` (the secret alone, surrounding whitespace ignored), with
+    the ``metrics`` scope only: a leaked scrape token reads gauges and nothing else.
+
+    Raises:
+        ValueError: the file cannot be read or holds no plausible key (the API refuses to start).
+    """
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"API_METRICS_KEY_FILE {path}: {exc}") from None
+    if len(secret) < 24 or any(c.isspace() for c in secret):
+        raise ValueError(f"API_METRICS_KEY_FILE {path}: expected one key of at least 24 characters, no whitespace")
+    return {digest(secret): Principal(name=METRICS_KEY_NAME, scopes=frozenset({"metrics"}))}
+
+
+def static_keys(keys_file: Path | None, metrics_key_file: Path | None) -> dict[str, Principal]:
+    """Every static key the settings name, by digest.
+
+    Raises:
+        ValueError: either file is invalid, or a key of ``API_KEYS_FILE`` takes the scraper's name.
+    """
+    found = load_static_keys(keys_file) if keys_file else {}
+    if metrics_key_file:
+        if any(p.name == METRICS_KEY_NAME for p in found.values()):
+            raise ValueError(f"API_KEYS_FILE {keys_file}: the name {METRICS_KEY_NAME!r} is the metrics key's")
+        found.update(load_metrics_key(metrics_key_file))
+    return found
+
+
 def _text(raw: Any) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -141,7 +175,8 @@ class KeyStore:
         redis: An asyncio Redis client.
         keys: Key names under the fleet prefix.
         cache_seconds: How long a lookup (found or not) is trusted; a revoked key works at most this long.
-        static: Keys from ``API_KEYS_FILE`` by digest (checked first, never cached, never written).
+        static: Keys from ``API_KEYS_FILE`` and ``API_METRICS_KEY_FILE`` by digest (checked first, never cached,
+            never written).
     """
 
     def __init__(self, redis: Any, keys: Keys, cache_seconds: float = 5.0,

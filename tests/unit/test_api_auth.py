@@ -8,7 +8,7 @@ import time
 import pytest
 
 from producer_api.app import create_app
-from producer_api.security.keystore import KeyExistsError, KeyStore, digest, load_static_keys
+from producer_api.security.keystore import KeyExistsError, KeyStore, digest, load_static_keys, static_keys
 from producer_api.security.middleware import PUBLIC, ROUTE_SCOPES
 from shared.errors import InvalidInputError
 from tests.helpers import wait_for_async
@@ -162,6 +162,44 @@ async def test_static_keys_authenticate_without_redis_records(aiohttp_client, se
     assert (await client.get("/v1/models", headers=_key("fsk_static-secret-of-the-ops-team"))).status == 200
     assert (await client.post("/v1/predict", json=PREDICT,
                               headers=_key("fsk_static-secret-of-the-ops-team"))).status == 403
+
+
+async def test_the_metrics_key_file_reads_metrics_and_nothing_else(aiohttp_client, settings, aredis, celery,
+                                                                    tmp_path):
+    # the Helm chart's PodMonitor sends this file's key as its bearer token (a scrape config cannot send more)
+    path = tmp_path / "metrics-key"
+    path.write_text("fsk_the-scrapers-own-secret-0123456789\n")  # as a Secret mounted from a file holds it
+    app = create_app(settings.model_copy(update={"api_metrics_key_file": path}), redis=aredis, celery_app=celery)
+    client = await aiohttp_client(app)
+    bearer = {"Authorization": "Bearer fsk_the-scrapers-own-secret-0123456789"}
+    resp = await client.get("/metrics", headers=bearer)
+    assert resp.status == 200 and "fleet_pool_backlog_total" in await resp.text()
+    for method, path_ in (("get", "/v1/models"), ("get", "/v1/stats"), ("post", "/v1/predict"), ("get", "/v1/keys")):
+        resp = await getattr(client, method)(path_, json=PREDICT if method == "post" else None, headers=bearer)
+        assert resp.status == 403, (method, path_)
+    assert (await client.get("/metrics", headers={"Authorization": "Bearer fsk_a-wrong-secret-0123456789"})
+            ).status == 401
+
+
+def test_the_metrics_key_file_is_checked_at_start(tmp_path):
+    keys_file, metrics_file = tmp_path / "keys.json", tmp_path / "metrics-key"
+    keys_file.write_text(json.dumps([{"name": "ops", "key": "fsk_static-secret-of-the-ops-team", "scopes": ["admin"]}]))
+    metrics_file.write_text("fsk_the-scrapers-own-secret-0123456789")
+    found = static_keys(keys_file, metrics_file)
+    assert found[digest("fsk_the-scrapers-own-secret-0123456789")].scopes == frozenset({"metrics"})
+    assert found[digest("fsk_static-secret-of-the-ops-team")].is_admin
+    assert static_keys(None, None) == {}
+    for bad in ("", "short", "fsk_two secrets-on-one-line-0123456789"):
+        metrics_file.write_text(bad)
+        with pytest.raises(ValueError, match="API_METRICS_KEY_FILE"):
+            static_keys(None, metrics_file)
+    with pytest.raises(ValueError, match="API_METRICS_KEY_FILE"):
+        static_keys(None, tmp_path / "missing")
+    metrics_file.write_text("fsk_the-scrapers-own-secret-0123456789")
+    keys_file.write_text(json.dumps([{"name": "prometheus", "key": "fsk_static-secret-of-the-ops-team",
+                                      "scopes": ["read"]}]))
+    with pytest.raises(ValueError, match="metrics key"):
+        static_keys(keys_file, metrics_file)
 
 
 async def test_auth_can_be_switched_off(aiohttp_client, settings, aredis, celery):

@@ -633,3 +633,55 @@ def test_keda_options_and_refusals() -> None:
         render(keda_values(prometheus={}))
     with pytest.raises(helm.HelmError, match="minReplicaCount <= maxReplicaCount"):
         render(keda_values(minReplicaCount=5, maxReplicaCount=2))
+
+
+# --- Prometheus scrapes /metrics with a key of its own ------------------------------------------------------
+
+
+def test_chart_scrapes_metrics_with_a_key_the_api_accepts(tmp_path: Path) -> None:
+    import base64
+
+    from producer_api.security.keystore import static_keys
+
+    docs = render({})
+    api = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-api"))
+    pod = api["spec"]["template"]
+    assert not any(k.startswith("prometheus.io/") for k in pod["metadata"].get("annotations", {}))  # 401s
+    assert not [d for d in docs if d["kind"] == "PodMonitor"]  # needs the Prometheus Operator's CRD: asked for
+    container = pod["spec"]["containers"][0]
+    key_file = next(e["value"] for e in container["env"] if e["name"] == "API_METRICS_KEY_FILE")
+    mount = next(m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])["secret"]
+    [item] = volume["items"]
+    assert key_file == f"{mount['mountPath']}/{item['path']}"
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secretName"])
+    # the generated key is one the API loads at start (the file a pod sees holds the decoded value)
+    (tmp_path / "metrics-key").write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    [principal] = static_keys(None, tmp_path / "metrics-key").values()
+    assert principal.scopes == frozenset({"metrics"})
+
+
+def test_chart_pod_monitor_sends_the_scrape_key() -> None:
+    docs = render({"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}})
+    [monitor] = [d for d in docs if d["kind"] == "PodMonitor"]
+    api = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-api"))
+    pod = api["spec"]["template"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "metrics-key")["secret"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": volume["secretName"],
+                                                                          "key": volume["items"][0]["key"]}}
+    # your own Secret: the chart makes none and both sides read yours
+    docs = render({"metrics": {"podMonitor": {"enabled": True},
+                               "scrapeKey": {"existingSecret": "my-scrape-key", "secretKey": "token"}}})
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-metrics-key")]
+    [monitor] = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["authorization"]["credentials"] == {"name": "my-scrape-key",
+                                                                                          "key": "token"}
+    api = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-api"))
+    volume = next(v for v in api["spec"]["template"]["spec"]["volumes"] if v["name"] == "metrics-key")["secret"]
+    assert volume["secretName"] == "my-scrape-key" and volume["items"][0]["key"] == "token"

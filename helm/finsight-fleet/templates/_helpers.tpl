@@ -86,6 +86,11 @@ app.kubernetes.io/part-of: finsight-fleet
 {{- printf "%s-redis-auth" (include "finsight-fleet.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The Secret holding the key Prometheus scrapes the API's /metrics with (metrics.scrapeKey). */}}
+{{- define "finsight-fleet.metricsKeySecretName" -}}
+{{- default (printf "%s-metrics-key" (include "finsight-fleet.fullname" .) | trunc 63 | trimSuffix "-") .Values.metrics.scrapeKey.existingSecret }}
+{{- end }}
+
 {{/* "true" when the chart keeps Redis' password in its own Secret: no redis.auth.existingSecret, and the embedded
 Redis (which needs one) or a redis.auth.password to hand to an external Redis. */}}
 {{- define "finsight-fleet.redisChartPassword" -}}
