@@ -161,7 +161,10 @@ class ModelStore:
             model = self._restore(model_type, typed, weights)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load weights of {directory}: {exc}") from None
-        return LoadedArtifacts(model=model, config=config, meta=meta, path=directory, version=directory.name)
+        # NOTE: the typed config, not the file's: inference and the adapters read every field (a sentiment
+        # config that leaves max_len or labels to their defaults must serve like one that spells them out).
+        return LoadedArtifacts(model=model, config={"model_type": model_type, **typed.model_dump()}, meta=meta,
+                               path=directory, version=directory.name)
 
     def _verify(self, weights: Path, expected: str) -> None:
         """Check ``weights`` against the sha256 recorded at save time, once per unchanged file.

@@ -50,6 +50,24 @@ def test_sentiment_results_do_not_carry_the_vocabulary(adapter: SimpleServingAda
     assert "vocab" not in config and config["vocab_size"] == len(TINY_CONFIGS[ModelType.SENTIMENT]["vocab"])
 
 
+def test_a_config_that_leaves_fields_to_their_defaults_serves(tmp_path: Path) -> None:
+    # a sentiment config without max_len and labels (their defaults: 32 tokens, three labels) and a forecaster
+    # without its optional sizes, as a hand-written or older config.json holds them
+    store = ModelStore(tmp_path)
+    sparse = {ModelType.SENTIMENT: {"vocab": ["shares", "jump"], "embed_dim": 8, "hidden_dim": 8, "n_buckets": 64},
+              ModelType.PATCHTST: {"context_length": 32, "prediction_length": 4, "n_channels": 5}}
+    for mtype, config in sparse.items():
+        key = ModelKey(symbol="T", timeframe="1h", model_type=mtype)
+        store.save(key, build_model(mtype, config), config, {})
+    adapter = SimpleServingAdapter(FleetSettings(model_store_dir=tmp_path), store=store)
+    result = adapter.predict(load(adapter, ModelType.SENTIMENT).model_id, PredictInputs(texts=["shares jump"]))
+    assert result.labels[0] in ("negative", "neutral", "positive") and len(result.predictions[0]) == 3
+    assert result.model_info.metadata["config"]["max_len"] == 32
+    series = np.random.default_rng(0).normal(size=(32, 5)).tolist()
+    result = adapter.predict(load(adapter, ModelType.PATCHTST).model_id, PredictInputs(series=series))
+    assert np.asarray(result.predictions).shape == (4, 5)
+
+
 def test_unloaded_model_is_a_typed_not_found(adapter: SimpleServingAdapter) -> None:
     info = load(adapter, ModelType.PATCHTST)
     assert adapter.unload_model(info.model_id)
