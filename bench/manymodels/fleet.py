@@ -66,6 +66,13 @@ class FleetManyModels:
         if doc.get("status") != "succeeded":
             raise RuntimeError(f"job {doc.get('status')}: {json.dumps(doc.get('error'))[:200]}")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the API process and of the worker (its supervisor and every consumer)."""
+        from bench.procs import tree_cpu_seconds
+
+        return {"api": tree_cpu_seconds([self.api] if self.api else []),
+                "workers": tree_cpu_seconds([self.workers] if self.workers else [])}
+
     def counters(self) -> dict[str, float]:
         """The fleet's cache counters now (cold loads, their milliseconds, lookups)."""
         import redis

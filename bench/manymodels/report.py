@@ -59,6 +59,34 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
     return rows
 
 
+#: The parts of a fleet request's CPU, as :func:`bench.manymodels.run._measure` records them.
+CPU_PARTS = ("api", "workers", "redis", "load generator")
+
+
+def cpu_split(result: dict) -> dict[str, float] | None:
+    """What a cold load costs and what routing can win on this machine, from (a)'s and (b)'s saturated CPU.
+
+    A cold load's cost is the workers' CPU per request that (b) saves over (a), per load it saves; a request's
+    cost without any load is (b)'s CPU per request less its loads. Throughput on a CPU-bound machine goes as
+    1 / CPU per request, so (a)'s CPU per request over that is the most any routing (every request a hit) could
+    gain over (a). None without both systems or with too few loads saved to tell.
+    """
+    s = result["systems"]
+    a, b = (s.get(k, {}).get("saturated") or {} for k in "ab")
+    ca, cb = a.get("cpu_ms_per_request") or {}, b.get("cpu_ms_per_request") or {}
+    if not all(part in ca and part in cb for part in CPU_PARTS):
+        return None
+    saved = (a["loads_per_1000"] - b["loads_per_1000"]) / 1000.0
+    if saved < 0.05:
+        return None
+    total_a, total_b = sum(ca[p] for p in CPU_PARTS), sum(cb[p] for p in CPU_PARTS)
+    load_ms = (ca["workers"] - cb["workers"]) / saved
+    no_load_ms = total_b - b["loads_per_1000"] / 1000.0 * load_ms
+    return {"load_cpu_ms": load_ms, "request_cpu_ms_a": total_a, "request_cpu_ms_b": total_b,
+            "request_cpu_ms_no_load": no_load_ms, "ceiling": total_a / no_load_ms if no_load_ms > 0 else None,
+            "cores_busy_b": cb.get("machine", 0.0) * b["throughput"] / 1000.0}
+
+
 def markdown(result: dict, day: str) -> str:
     mode, m = result["mode"], result["machine"]
     lines = [f"# Many models, {day}", "",
@@ -91,6 +119,24 @@ def markdown(result: dict, day: str) -> str:
             c = res["cold_load_ms"]
             lines.append(f"\n({key}) cold loads inside the replicas: p50 {_f(c['p50'], 2)} ms, p99 {_f(c['p99'], 2)} "
                          f"ms over {c['n']} loads.")
+    cpu_rows = [(key, res["saturated"]["cpu_ms_per_request"]) for key, res in result["systems"].items()
+                if res["saturated"].get("cpu_ms_per_request")]
+    if cpu_rows:
+        lines += ["", "## Where a request's CPU goes (saturated)", "",
+                  "CPU milliseconds per completed request, by process (user + system); machine: every core's busy "
+                  "time.", "", "| system | API | workers | Redis | load generator | machine |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for key, cpu in cpu_rows:
+            lines.append(f"| ({key}) | " + " | ".join(_f(cpu.get(part), 2) for part in (*CPU_PARTS, "machine")) + " |")
+        split = cpu_split(result)
+        if split:
+            lines += ["", f"A cold load costs the workers about {split['load_cpu_ms']:.1f} ms of CPU ((a)'s worker CPU "
+                      f"per request over (b)'s, per load saved); a request without one costs "
+                      f"{split['request_cpu_ms_no_load']:.1f} ms in all (API, workers, Redis, load generator), "
+                      f"against {split['request_cpu_ms_a']:.1f} ms in (a). With the machine CPU-bound "
+                      f"({split['cores_busy_b']:.1f} cores busy in (b)), routing that made every request a hit would "
+                      f"reach at most {_f(split['ceiling'], 2)}x (a)'s throughput here: the request path, not the "
+                      "cold loads, is most of the cost."]
     new = result["cold_loads"]["models"][0]["new"]
     lines += ["", f"The fleet's cold load of one of these models (simple adapter, `bench coldload`'s new path, 50 "
               f"loads): p50 {new['p50_ms']:.2f} ms, p99 {new['p99_ms']:.2f} ms."]

@@ -109,14 +109,26 @@ async def _phase(send: Callable[[int], Any], seq: Sequencer, kind: str, mode: Mo
             "trace_span": [first, seq.next]}
 
 
-async def _measure(send: Callable[[int], Any], counters: Callable[[], dict], mode: ModelsMode, trace: Any) -> dict:
+def _cpu_seconds(parts: Callable[[], dict[str, float]] | None) -> dict[str, float]:
+    """CPU seconds so far: the whole machine's, the load generator's (this process) and ``parts``' own."""
+    from bench.procs import machine_busy_seconds, own_cpu_seconds
+
+    return {"machine": machine_busy_seconds(), "load generator": own_cpu_seconds(), **(parts() if parts else {})}
+
+
+async def _measure(send: Callable[[int], Any], counters: Callable[[], dict], mode: ModelsMode, trace: Any,
+                   cpu: Callable[[], dict[str, float]] | None = None) -> dict:
+    """The phases of one system; ``cpu`` gives the CPU seconds of its parts so far (API, workers, Redis)."""
     seq = Sequencer(trace)
     out: dict[str, Any] = {}
     await _phase(send, seq, "closed", dataclasses.replace(mode, concurrency=16), mode.warmup_s)
     for name, kind, seconds in (("open", "open", mode.open_s), ("saturated", "closed", mode.saturated_s)):
-        before = counters()
+        before, cpu_before = counters(), _cpu_seconds(cpu)
         phase = await _phase(send, seq, kind, mode, seconds)
-        after = counters()
+        cpu_after, after = _cpu_seconds(cpu), counters()
+        # CPU milliseconds per completed request, by part: where a request's cost goes (and a cold load's)
+        phase["cpu_ms_per_request"] = {part: 1000.0 * (cpu_after[part] - cpu_before[part]) / phase["ok"]
+                                       for part in cpu_after} if phase["ok"] else {}
         loads = after["loads"] - before["loads"]
         phase["loads"] = loads
         phase["loads_per_1000"] = 1000.0 * loads / phase["requests"] if phase["requests"] else None
@@ -150,6 +162,8 @@ def _ideal_hits(trace: Any, start: int, end: int, capacity: int) -> int:
 def _fleet(name: str, cache_aware: bool, ctx: dict, mode: ModelsMode, log: Callable[[str], None]) -> dict:
     import aiohttp
 
+    from bench.procs import tree_cpu_seconds
+
     from bench.manymodels.fleet import FleetManyModels
 
     db = {"a": 1, "b": 2}[name]
@@ -165,7 +179,8 @@ def _fleet(name: str, cache_aware: bool, ctx: dict, mode: ModelsMode, log: Calla
                                              timeout=aiohttp.ClientTimeout(total=60)) as session:
                 async def send(model: int) -> None:
                     await fleet.predict(session, workload.model_key(model), ctx["series"][model % len(ctx["series"])])
-                return await _measure(send, fleet.counters, mode, ctx["trace"])
+                return await _measure(send, fleet.counters, mode, ctx["trace"],
+                                      lambda: {**fleet.cpu_seconds(), "redis": tree_cpu_seconds([ctx["redis"]])})
         result = asyncio.run(go())
         result["copies"] = fleet.copies()
         return result
@@ -253,7 +268,7 @@ def run(mode: ModelsMode, systems: tuple[str, ...], out_dir: Path, log: Callable
         store = work / "store"
         result["store"] = workload.write_store(store, mode.n_models)
         log(f"{mode.n_models} models written in {result['store']['seconds']:.1f} s")
-        ctx = {"redis_url": redis_url, "store": store, "logs": logs,
+        ctx = {"redis_url": redis_url, "redis": redis_proc, "store": store, "logs": logs,
                "trace": workload.zipf_trace(mode.n_models, mode.trace_requests, mode.zipf_s, seed=0),
                "series": [s.tolist() for s in workload.sample_series(16)]}
         result["cold_loads"] = _cold_loads(store, log)

@@ -49,3 +49,18 @@ def test_the_targets_table_reads_the_phases():
     result["systems"]["b"]["saturated"]["throughput"] = 120
     rows = {target: met for target, _, met in report.targets(result)}
     assert rows["(b) throughput >= 1.5x (a)"] is False
+
+
+def test_the_cpu_split_prices_a_cold_load_and_bounds_what_routing_can_win():
+    def saturated(loads, workers):
+        return {"saturated": {"throughput": 100.0, "loads_per_1000": loads, "cpu_ms_per_request": {
+            "api": 3.0, "workers": workers, "redis": 1.0, "load generator": 1.0, "machine": 20.0}}}
+
+    # (b) saves 0.3 loads per request and 1.5 ms of worker CPU: 5 ms a load; without loads a request costs
+    # 3 + (4.5 - 0.3 * 5) + 1 + 1 = 8 ms, against 11 ms in (a): at most 1.375x
+    result = {"systems": {"a": saturated(600, 6.0), "b": saturated(300, 4.5)}}
+    split = report.cpu_split(result)
+    assert abs(split["load_cpu_ms"] - 5.0) < 1e-9 and abs(split["request_cpu_ms_no_load"] - 8.0) < 1e-9
+    assert abs(split["ceiling"] - 11.0 / 8.0) < 1e-9 and abs(split["cores_busy_b"] - 2.0) < 1e-9
+    assert report.cpu_split({"systems": {"a": saturated(600, 6.0), "b": saturated(590, 5.9)}}) is None
+    assert report.cpu_split({"systems": {"b": saturated(300, 4.5)}}) is None
