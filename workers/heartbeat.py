@@ -26,16 +26,31 @@ class Heartbeat:
         """A :class:`workers.engines.batching.membership.RoutingMember` when this process has an own queue."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # NOTE: the beat thread and the job thread both publish; each reads what the process holds and writes it
+        # under this lock, so an older snapshot never overwrites a newer one in the router's view.
+        self._lock = threading.Lock()
 
     def publish(self) -> None:
         """Loaded models, health and queues of this process, and the cache counters since the last write."""
-        healthy, reason = self.pool.health()
-        self.stats.record([], cache=self.pool.cache_deltas())
-        models = self.pool.loaded_models()
-        self.stats.heartbeat(models, queues=self.queues, healthy=int(healthy), unhealthy_reason=reason,
-                             pid=os.getpid())
-        if self.member is not None:
-            self.pool.copies_elsewhere = self.member.publish([m.model_id for m in models], self.pool.placement_cost())
+        with self._lock:
+            healthy, reason = self.pool.health()
+            self.stats.record([], cache=self.pool.cache_deltas())
+            models = self.pool.loaded_models()
+            self.stats.heartbeat(models, queues=self.queues, healthy=int(healthy), unhealthy_reason=reason,
+                                 pid=os.getpid())
+            if self.member is not None:
+                self.pool.copies_elsewhere = self.member.publish([m.model_id for m in models],
+                                                                 self.pool.placement_cost())
+
+    def cache_changed(self) -> None:
+        """A job loaded a model (and the cache maybe evicted others): tell the router now, and leave the rest
+        (models list, counters, copies) to the next beat. Nothing to do for a process outside routing."""
+        if self.member is None:
+            return
+        with self._lock:
+            held = [m.model_id for m in self.pool.loaded_models()]
+            self.member.update(held, self.pool.placement_cost())
+            self.pool.copies_elsewhere = self.pool.copies_elsewhere & frozenset(held)
 
     def _loop(self) -> None:
         while not self._stop.wait(WORKER_HEARTBEAT_INTERVAL_S):

@@ -102,7 +102,7 @@ def build_context(settings: FleetSettings, queues: Sequence[str], *, arm_soft_li
     heartbeat = Heartbeat(stats, pool, queues, member)
     outcomes = outcome_writer(redis, settings, stats)
     handlers = Handlers(pool, outcomes, cancelled=lambda job_id: bool(redis.exists(keys.job_cancelled(job_id))),
-                        models_changed=heartbeat.publish)
+                        models_changed=heartbeat.publish, cache_changed=heartbeat.cache_changed)
     executor = JobExecutor(handlers, outcomes, BeginScript(redis, keys, me, settings.result_ttl_seconds),
                            default_policies(settings.job_max_deliveries,
                                             lambda job_id: deadletters.last_failure(redis, keys, job_id)),

@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from shared import celery_wire, routing
-from shared.keys import Keys
+from shared.keys import MODEL_HOLDERS_TTL_S, Keys
 from shared.settings import FleetSettings
 from workers.engines.batching.fetch import BatchFetcher
 from workers.engines.batching.membership import RoutingMember
@@ -125,6 +125,32 @@ def test_publishing_drops_the_models_a_process_no_longer_holds(redis):
     assert not redis.sismember(KEYS.model_holders(QUEUE, MODEL), "n@h|1")
     assert redis.sismember(KEYS.model_holders(QUEUE, "B_1h_patchtst"), "n@h|1")
     assert redis.zscore(KEYS.routing_members(QUEUE), "n@h|1") == pytest.approx(0.4)
+
+
+def test_after_a_predict_s_cold_load_only_the_change_is_published_and_routing_follows_it(redis):
+    from types import SimpleNamespace
+
+    from workers.heartbeat import Heartbeat
+
+    member = join(redis, "n@h|1", held=(MODEL, "B_1h_patchtst"))
+    join(redis, "n@h|2")
+    held = ["B_1h_patchtst", "C_1h_patchtst"]  # C came in, the cache made room by evicting MODEL
+    pool_ = SimpleNamespace(loaded_models=lambda: [SimpleNamespace(model_id=m) for m in held],
+                            placement_cost=lambda: 0.75, copies_elsewhere=frozenset({MODEL, "B_1h_patchtst"}))
+    stats = SimpleNamespace(heartbeat=lambda *a, **k: pytest.fail("the full heartbeat waits for its beat"))
+    Heartbeat(stats, pool_, [QUEUE], member).cache_changed()
+    holders = {m: redis.smembers(KEYS.model_holders(QUEUE, m)) for m in (MODEL, "B_1h_patchtst", "C_1h_patchtst")}
+    assert holders == {MODEL: set(), "B_1h_patchtst": {b"n@h|1"}, "C_1h_patchtst": {b"n@h|1"}}
+    assert 0 < redis.ttl(KEYS.model_holders(QUEUE, "C_1h_patchtst")) <= MODEL_HOLDERS_TTL_S
+    assert redis.zscore(KEYS.routing_members(QUEUE), "n@h|1") == pytest.approx(0.75)
+    assert pool_.copies_elsewhere == {"B_1h_patchtst"}  # the evicted model is no copy of anything any more
+    r = router()
+    send(redis, r, "j-c", "C_1h_patchtst")
+    assert own(redis, "n@h|1") == ["j-c"]  # the next job for the new model goes to its holder
+    # the full publish that follows at the beat agrees with the update (nothing to drop, nothing to add)
+    assert member.publish(held, 0.75) == frozenset()
+    assert redis.smembers(KEYS.model_holders(QUEUE, "C_1h_patchtst")) == {b"n@h|1"}
+    Heartbeat(stats, pool_, [QUEUE], None).cache_changed()  # outside routing: nothing to tell
 
 
 def test_the_reaper_gives_a_lost_node_s_routed_jobs_back_to_the_pool_queue(redis):

@@ -30,11 +30,14 @@ class Handlers:
     """Load, predict, batch_predict and unload on one adapter pool."""
 
     def __init__(self, pool: AdapterPool, outcomes: OutcomeWriter, cancelled: Callable[[str], bool],
-                 models_changed: Callable[[], None]) -> None:
+                 models_changed: Callable[[], None], cache_changed: Callable[[], None] | None = None) -> None:
         self.pool = pool
         self.outcomes = outcomes
         self.cancelled = cancelled
         self.models_changed = models_changed
+        """After a load or unload job: publish everything this process holds now."""
+        self.cache_changed = cache_changed or models_changed
+        """After a predict loaded a model on its way: what the router needs now (the rest at the next beat)."""
         self.table: dict[str, Callable[[str, Any], FinishedJob]] = {
             names.LOAD: self.load, names.UNLOAD: self.unload, names.BATCH_PREDICT: self.batch_predict}
 
@@ -53,7 +56,7 @@ class Handlers:
     def predict(self, items: Sequence[tuple[str, PredictJob]]) -> list[FinishedJob]:
         results, load_ms = self.pool.predict([job for _, job in items])
         if load_ms:  # a model came in (and maybe another went): the router should know now, not at the next beat
-            self.models_changed()
+            self.cache_changed()
         return [FinishedJob(job_id, job.model_id, res, load_ms=load_ms,
                             inference_ms=0.0 if isinstance(res, FleetError) else res.inference_time_ms)
                 for (job_id, job), res in zip(items, results)]

@@ -60,6 +60,22 @@ class RoutingMember:
         return frozenset(m for m, holders in zip(held, replies[2::3])
                          if members & {_text(h) for h in holders})
 
+    def update(self, model_ids: Iterable[str], cost: float) -> None:
+        """What changed since the last publish, alone (one MULTI): holding the models that came in, no longer the
+        ones that went, and the new cost. After a predict's cold load, where the full :meth:`publish` (every
+        holding again, with its holders read back) would cost the job more than the load itself did."""
+        held = set(model_ids)
+        pipe = self.redis.pipeline(transaction=True)
+        for model_id in sorted(held - self._published):
+            key = self.keys.model_holders(self.queue, model_id)
+            pipe.sadd(key, self.worker_id)
+            pipe.expire(key, MODEL_HOLDERS_TTL_S)
+        for model_id in sorted(self._published - held):
+            pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
+        pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
+        pipe.execute()
+        self._published = held
+
     def busiest(self, at_least: int) -> tuple[list[str], int] | None:
         """The own lists of the other process in routing with the most jobs waiting (at least ``at_least``), and
         how many wait there; None when no one has that many."""
