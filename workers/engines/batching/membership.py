@@ -40,25 +40,30 @@ class RoutingMember:
 
         return redis_list_keys(self.keys.worker_queue(self.worker_id))
 
+    def _write(self, pipe: Any, add: Iterable[str], drop: Iterable[str], cost: float) -> None:
+        """Into ``pipe``: hold ``add`` (renewing their TTL), no longer ``drop``, cost ``cost``."""
+        for model_id in sorted(add):
+            key = self.keys.model_holders(self.queue, model_id)
+            pipe.sadd(key, self.worker_id)
+            pipe.expire(key, MODEL_HOLDERS_TTL_S)
+        for model_id in sorted(drop):
+            pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
+        pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
+
     def publish(self, model_ids: Iterable[str], cost: float) -> frozenset[str]:
         """Hold ``model_ids`` (and no others) and cost ``cost`` to load one more model (one MULTI); returns those
         of ``model_ids`` that other processes in routing hold too (copies)."""
         held = sorted(set(model_ids))
         pipe = self.redis.pipeline(transaction=True)
+        self._write(pipe, held, self._published - set(held), cost)
         for model_id in held:
-            key = self.keys.model_holders(self.queue, model_id)
-            pipe.sadd(key, self.worker_id)
-            pipe.expire(key, MODEL_HOLDERS_TTL_S)
-            pipe.smembers(key)
-        for model_id in self._published - set(held):
-            pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
-        pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
+            pipe.smembers(self.keys.model_holders(self.queue, model_id))
         pipe.zrange(self.keys.routing_members(self.queue), 0, -1)
         replies = pipe.execute()
         self._published = set(held)
         members = {_text(m) for m in replies[-1]} - {self.worker_id}
-        return frozenset(m for m, holders in zip(held, replies[2::3])
-                         if members & {_text(h) for h in holders})
+        holders = replies[len(replies) - 1 - len(held):-1]
+        return frozenset(m for m, found in zip(held, holders) if members & {_text(h) for h in found})
 
     def update(self, model_ids: Iterable[str], cost: float) -> None:
         """What changed since the last publish, alone (one MULTI): holding the models that came in, no longer the
@@ -66,13 +71,7 @@ class RoutingMember:
         holding again, with its holders read back) would cost the job more than the load itself did."""
         held = set(model_ids)
         pipe = self.redis.pipeline(transaction=True)
-        for model_id in sorted(held - self._published):
-            key = self.keys.model_holders(self.queue, model_id)
-            pipe.sadd(key, self.worker_id)
-            pipe.expire(key, MODEL_HOLDERS_TTL_S)
-        for model_id in sorted(self._published - held):
-            pipe.srem(self.keys.model_holders(self.queue, model_id), self.worker_id)
-        pipe.zadd(self.keys.routing_members(self.queue), {self.worker_id: cost})
+        self._write(pipe, held - self._published, self._published - held, cost)
         pipe.execute()
         self._published = held
 
