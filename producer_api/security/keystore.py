@@ -145,9 +145,13 @@ def load_metrics_key(path: Path) -> dict[str, Principal]:
         secret = path.read_text().strip()
     except OSError as exc:
         raise ValueError(f"API_METRICS_KEY_FILE {path}: {exc}") from None
-    if len(secret) < 24 or any(c.isspace() for c in secret):
-        raise ValueError(f"API_METRICS_KEY_FILE {path}: expected one key of at least 24 characters, no whitespace")
-    return {digest(secret): Principal(name=METRICS_KEY_NAME, scopes=frozenset({"metrics"}))}
+    if any(c.isspace() for c in secret):
+        raise ValueError(f"API_METRICS_KEY_FILE {path}: expected one key, no whitespace")
+    try:  # the rules of a static key (its length) apply to this one too
+        key = StaticKey(name=METRICS_KEY_NAME, key=secret, scopes=["metrics"])
+    except ValidationError as exc:
+        raise ValueError(f"API_METRICS_KEY_FILE {path}: {exc}") from None
+    return {key.hashed(): Principal(name=key.name, scopes=frozenset(key.scopes))}
 
 
 def static_keys(keys_file: Path | None, metrics_key_file: Path | None) -> dict[str, Principal]:
